@@ -1,0 +1,647 @@
+"""Data for MM-Interleaved: the ShapeStories world and the JSONL interleaved-document format.
+
+Read top-down:
+  1. the world: palette, template vocabulary, geometry that scales with the frame size (DESIGN §5);
+  2. rendering and the story generator (seeded, infinite, train / eval split);
+  3. the template language: sentence writers and the parser that reads (generated) text back;
+  4. the deterministic detector that reads any frame back into objects;
+  5. scoring helpers for eval.py (captions, text-to-image, continuation consistency);
+  6. the JSONL document format for real data (reader with line-numbered errors, writer);
+  7. a small CLI: `python data.py --preview grid.png`, `python data.py --write-jsonl out/stories.jsonl`.
+
+A *document* is a list of segments in reading order, each `{"text": str}` or `{"image": uint8 (H, W, 3)}`;
+`Story.segments()` and `read_jsonl` both produce this form, which the tokeniser/packer consumes.
+
+The template language (every sentence ends with "."):
+  scene     "there is a big red circle at the top left."   /   "there are A, B and C."  (objects in reading order
+            of their place: top-left first); each object is "a <size> <colour> <shape> at the <place>"
+  move      "the red circle moves left."        the object shifts by exactly `World.step` pixels
+  appear    "a small blue square appears at the bottom right."   (at a place where no object is)
+  disappear "the red circle disappears."
+  turn      "the red circle turns green."       same pixels, new colour
+Within a frame no two objects share (colour, shape), so "the red circle" names one object. A place is a cell of
+the 3x3 grid; scene and appear positions are drawn >= 1 px inside their cell, so the place is unambiguous. An
+event changes only its object: every other object keeps its exact pixels. Exact positions live only in the pixels.
+
+Positions are multiples of 1/8 px, so the rendering arithmetic is exact and a move by an integer step shifts the
+rendered mask by exactly that many pixels (no rounding can make a moved shape differ from the original).
+"""
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. The world
+
+BACKGROUND = (255, 255, 255)
+PALETTE = {  # pairwise RGB distance >= 139, >= 225 from the background
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 90, 220),
+    "yellow": (240, 200, 30), "purple": (170, 60, 180), "black": (30, 30, 30),
+}
+COLOURS = tuple(PALETTE)
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "big")
+PLACES = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+EVENT_WEIGHTS = {"move": 2.0, "appear": 1.0, "disappear": 1.0, "turn": 1.0}  # moves are what MMFS must copy
+MAX_OBJECTS = 3
+# Every word and punctuation mark the generator can write (a tokenizer is trained on these).
+VOCAB = tuple(sorted({"there", "is", "are", "a", "and", "the", "at", "moves", "appears", "disappears", "turns",
+                      *COLOURS, *SHAPES, *SIZES, *DIRECTIONS, *" ".join(PLACES).split()})) + (",", ".")
+
+
+def _q(v):
+    """Round to a multiple of 1/8 px (exact in binary floating point)."""
+    return round(v * 8) / 8
+
+
+@dataclass(frozen=True)
+class World:
+    """Lengths of the ShapeStories world for square frames of `size` pixels (the 32 px values scale linearly)."""
+    size: int = 32
+    half: dict = field(init=False)      # half width of a shape per size class; a triangle is 2*half tall
+    step: int = field(init=False)       # displacement of "moves <direction>" in pixels
+    gap: int = field(init=False)        # minimum empty pixels between two objects
+    border: int = field(init=False)     # minimum empty pixels between an object and the frame edge
+    min_area: int = field(init=False)   # detector: components smaller than this are specks
+
+    def __post_init__(self):
+        if not isinstance(self.size, int) or not 32 <= self.size <= 512:
+            raise ValueError(f"World size must be an int in [32, 512], got {self.size!r}")
+        s = self.size / 32
+        set_ = object.__setattr__
+        set_(self, "half", {"small": _q(3.5 * s), "big": _q(5.5 * s)})
+        set_(self, "step", round(6 * s))
+        set_(self, "gap", max(2, round(2 * s)))
+        set_(self, "border", max(1, round(s)))
+        set_(self, "min_area", max(4, round(0.4 * 2 * self.half["small"] ** 2)))  # 40% of a small triangle
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Rendering and the generator
+
+@dataclass(frozen=True)
+class Obj:
+    """One object of a frame: ground truth (with the generator's `anchor`) or a detection (anchor None)."""
+    colour: str
+    shape: str
+    size: str
+    x: float                 # centroid of the object's pixels; pixel (row i, column j) has centre (j + .5, i + .5)
+    y: float
+    area: int = 0
+    anchor: tuple = None     # exact centre (multiples of 1/8 px): box centre, or area centroid for a triangle
+
+
+def _box(shape, a, cx, cy):
+    """Continuous bounding box (x0, y0, x1, y1); a triangle points up with its area centroid at (cx, cy)."""
+    if shape == "triangle":
+        return cx - a, cy - 4 * a / 3, cx + a, cy + 2 * a / 3
+    return cx - a, cy - a, cx + a, cy + a
+
+
+def _mask(shape, a, cx, cy, n):
+    """Pixels whose centre lies inside the shape: a (n, n) bool mask."""
+    c = np.arange(n) + 0.5
+    dx, dy = c[None, :] - cx, c[:, None] - cy  # exact, since cx and cy are multiples of 1/8
+    if shape == "circle":
+        return dx * dx + dy * dy <= a * a
+    if shape == "square":
+        return (np.abs(dx) <= a) & (np.abs(dy) <= a)
+    return (dy <= 2 * a / 3) & (2 * np.abs(dx) <= dy + 4 * a / 3)
+
+
+def render(specs, world):
+    """Draw (colour, shape, size, cx, cy) specs: uint8 (H, W, 3) image and the ground-truth objects."""
+    n = world.size
+    img = np.empty((n, n, 3), np.uint8)
+    img[:] = BACKGROUND
+    objs = []
+    for colour, shape, size, cx, cy in specs:
+        m = _mask(shape, world.half[size], cx, cy, n)
+        img[m] = PALETTE[colour]
+        ys, xs = np.nonzero(m)
+        objs.append(Obj(colour, shape, size, float(xs.mean()) + 0.5, float(ys.mean()) + 0.5, len(xs), (cx, cy)))
+    return img, objs
+
+
+def place_of(x, y, size):
+    """Name of the 3x3 grid cell holding the point (x, y)."""
+    col, row = min(int(3 * x / size), 2), min(int(3 * y / size), 2)
+    return PLACES[3 * max(row, 0) + max(col, 0)]
+
+
+def cell_centre(place, size):
+    """Centre (x, y) of the grid cell named `place`."""
+    row, col = divmod(PLACES.index(place), 3)
+    return (col + 0.5) * size / 3, (row + 0.5) * size / 3
+
+
+def _fits(spec, others, world):
+    """The spec lies inside the frame border and at least `gap` empty pixels away from every other spec."""
+    x0, y0, x1, y1 = _box(spec[1], world.half[spec[2]], spec[3], spec[4])
+    lo, hi = world.border + 0.5, world.size - world.border - 0.5
+    if x0 < lo or y0 < lo or x1 > hi or y1 > hi:
+        return False
+    for o in others:
+        u0, v0, u1, v1 = _box(o[1], world.half[o[2]], o[3], o[4])
+        # pixel centres are 1 apart, so gap empty pixels need the boxes gap + 1 apart on one axis
+        if max(u0 - x1, x0 - u1, v0 - y1, y0 - v1) < world.gap + 1:
+            return False
+    return True
+
+
+def _in_cell(rng, colour, shape, size, place, others, world, tries=20):
+    """A spec drawn uniformly >= 1 px inside the cell `place`, fitting among `others`; None if none was found."""
+    r, c = divmod(PLACES.index(place), 3)
+    w = world.size / 3
+    xs, ys = rng.uniform(c * w + 1, c * w + w - 1, tries), rng.uniform(r * w + 1, r * w + w - 1, tries)
+    for x, y in zip(xs.tolist(), ys.tolist()):
+        spec = (colour, shape, size, _q(x), _q(y))
+        if _fits(spec, others, world):
+            return spec
+    return None
+
+
+def _scene(rng, world):
+    """1-3 objects with distinct (colour, shape) in distinct cells."""
+    while True:
+        n = int(rng.integers(1, MAX_OBJECTS + 1))
+        kinds = rng.permutation(len(COLOURS) * len(SHAPES))[:n]
+        cells = rng.permutation(len(PLACES))[:n]
+        specs = []
+        for k, cell in zip(kinds, cells):
+            colour, shape = COLOURS[k // len(SHAPES)], SHAPES[k % len(SHAPES)]
+            spec = _in_cell(rng, colour, shape, SIZES[rng.integers(2)], PLACES[cell], specs, world)
+            if spec is None:
+                break
+            specs.append(spec)
+        if len(specs) == n:  # objects are ordered by place, the order the scene sentence names them in
+            return sorted(specs, key=lambda s: PLACES.index(place_of(s[3], s[4], world.size)))
+
+
+def _event(rng, specs, world):
+    """Draw a feasible event uniformly by kind (weighted) then by option; return (event, next specs)."""
+    options = {k: [] for k in EVENT_WEIGHTS}
+    for i, (colour, shape, size, cx, cy) in enumerate(specs):
+        rest = specs[:i] + specs[i + 1:]
+        for d, (ux, uy) in DIRECTIONS.items():
+            moved = (colour, shape, size, cx + ux * world.step, cy + uy * world.step)
+            if _fits(moved, rest, world):
+                options["move"].append((Event("move", colour, shape, direction=d), specs[:i] + [moved] + specs[i + 1:]))
+        if len(specs) > 1:
+            options["disappear"].append((Event("disappear", colour, shape), rest))
+        for new in COLOURS:
+            if new != colour and all((new, shape) != s[:2] for s in specs):
+                options["turn"].append((Event("turn", colour, shape, new_colour=new),
+                                        specs[:i] + [(new, shape, size, cx, cy)] + specs[i + 1:]))
+    if len(specs) < MAX_OBJECTS:  # appear in a random empty cell, with a random unused (colour, shape)
+        used = {place_of(s[3], s[4], world.size) for s in specs}
+        free = [p for p in PLACES if p not in used]
+        kinds = [(c, s) for c in COLOURS for s in SHAPES if all((c, s) != t[:2] for t in specs)]
+        colour, shape = kinds[rng.integers(len(kinds))]
+        size = SIZES[rng.integers(2)]
+        for p in rng.permutation(free):
+            spec = _in_cell(rng, colour, shape, size, str(p), specs, world)
+            if spec is not None:
+                options["appear"].append((Event("appear", colour, shape, size=size, place=str(p)), specs + [spec]))
+                break
+    kinds = [k for k in EVENT_WEIGHTS if options[k]]
+    p = np.array([EVENT_WEIGHTS[k] for k in kinds])
+    choice = options[kinds[rng.choice(len(kinds), p=p / p.sum())]]
+    return choice[rng.integers(len(choice))]
+
+
+@dataclass
+class Story:
+    """2-5 frames with their sentences; frame k is described by sentences[k] (a scene, then events)."""
+    images: list             # uint8 (H, W, 3) per frame
+    objects: list            # list[Obj] per frame (ground truth)
+    sentences: list          # str per frame
+    events: list             # Event per frame (None for the first, described by a scene)
+    image_first: list        # bool per frame: the image goes before its sentence in the document
+
+    def segments(self):
+        """The story as a document: text and image segments in reading order."""
+        doc = []
+        for img, text, first in zip(self.images, self.sentences, self.image_first):
+            pair = [{"image": img}, {"text": text}]
+            doc += pair if first else pair[::-1]
+        return doc
+
+
+SPLITS = {"train": 0, "eval": 1}
+EVAL_BUCKETS = 8  # a story is held out iff the hash of its first frame is 0 mod 8
+
+
+def make_story(split="train", seed=0, index=0, size=32):
+    """Story `index` of a split: seeded by (split, seed, index), independent of every other story.
+
+    The splits draw from disjoint random streams (the split is part of the seed) and, as a guarantee rather than
+    a probability, a story belongs to the split its first frame hashes to (1/8 of first frames are held out for
+    eval), redrawing otherwise: no eval story starts with the same frame, or scene, as any train story.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    world = World(size)
+    for attempt in itertools.count():
+        rng = np.random.default_rng([SPLITS[split], seed, index, attempt])
+        specs = [_scene(rng, world)]
+        pixels = render(specs[0], world)[0].tobytes()  # hash pixels: two nearby anchors can draw the same frame
+        if (hashlib.sha256(pixels).digest()[0] % EVAL_BUCKETS == 0) == (split == "eval"):
+            break
+    events = [None]
+    for _ in range(int(rng.integers(2, 6)) - 1):
+        ev, nxt = _event(rng, specs[-1], world)
+        events.append(ev)
+        specs.append(nxt)
+    rendered = [render(s, world) for s in specs]
+    sentences = [describe(rendered[0][1], size)] + [say(e) for e in events[1:]]
+    return Story([r[0] for r in rendered], [r[1] for r in rendered], sentences, events,
+                 [bool(b) for b in rng.integers(0, 2, len(specs))])
+
+
+class ShapeStories:
+    """An infinite, indexable stream of stories: `ShapeStories("eval", seed=0)[i]` or `for story in ...`."""
+
+    def __init__(self, split="train", seed=0, size=32):
+        World(size)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        self.split, self.seed, self.size = split, seed, size
+
+    def __getitem__(self, index):
+        return make_story(self.split, self.seed, index, self.size)
+
+    def __iter__(self):
+        return (self[i] for i in itertools.count())
+
+
+def to_tensor(image):
+    """uint8 (H, W, 3) -> float (3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255  # (3, H, W)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. The template language
+
+@dataclass(frozen=True)
+class Event:
+    """What happens between two frames; (colour, shape) names the object (its colour before a turn)."""
+    kind: str                # "move" | "appear" | "disappear" | "turn"
+    colour: str
+    shape: str
+    direction: str = None    # move
+    new_colour: str = None   # turn
+    size: str = None         # appear
+    place: str = None        # appear
+
+
+@dataclass(frozen=True)
+class Mention:
+    """An object as a scene sentence names it."""
+    size: str
+    colour: str
+    shape: str
+    place: str
+
+
+def describe(objects, size):
+    """The scene sentence naming every object (in the order given) with size, colour, shape and place."""
+    parts = [f"a {o.size} {o.colour} {o.shape} at the {place_of(o.x, o.y, size)}" for o in objects]
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"there {'is' if len(parts) == 1 else 'are'} {listed}."
+
+
+def say(event):
+    """The event sentence."""
+    the = f"the {event.colour} {event.shape}"
+    return {"move": f"{the} moves {event.direction}.",
+            "appear": f"a {event.size} {event.colour} {event.shape} appears at the {event.place}.",
+            "disappear": f"{the} disappears.",
+            "turn": f"{the} turns {event.new_colour}."}[event.kind]
+
+
+def _alt(words):
+    return "(" + "|".join(sorted(words, key=len, reverse=True)) + ")"  # longest first: "top left" before "top"
+
+
+_C, _S, _Z, _P, _D = _alt(COLOURS), _alt(SHAPES), _alt(SIZES), _alt(PLACES), _alt(DIRECTIONS)
+_MENTION = re.compile(rf"a {_Z} {_C} {_S} at the {_P}")
+_EVENTS = [
+    (re.compile(rf"the {_C} {_S} moves {_D}\."), lambda m: Event("move", m[1], m[2], direction=m[3])),
+    (re.compile(rf"a {_Z} {_C} {_S} appears at the {_P}\."),
+     lambda m: Event("appear", m[2], m[3], size=m[1], place=m[4])),
+    (re.compile(rf"the {_C} {_S} disappears\."), lambda m: Event("disappear", m[1], m[2])),
+    (re.compile(rf"the {_C} {_S} turns {_C}\."), lambda m: Event("turn", m[1], m[2], new_colour=m[3])),
+]
+
+
+def parse(text):
+    """A sentence of the template language -> list[Mention] (scene) or Event; ValueError if it is not one."""
+    t = " ".join(text.lower().split())
+    m = re.fullmatch(r"there (?:is|are) (.+)\.", t)
+    if m:
+        parts = re.split(r", | and ", m[1])
+        found = [_MENTION.fullmatch(p) for p in parts]
+        if all(found) and (len(parts) == 1) == t.startswith("there is"):
+            return [Mention(*f.groups()) for f in found]
+    for pattern, build in _EVENTS:
+        m = pattern.fullmatch(t)
+        if m:
+            return build(m)
+    raise ValueError(f"not a ShapeStories sentence: {text!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. The detector
+
+_BG = np.array(BACKGROUND, np.float32)
+_DIR = np.array(list(PALETTE.values()), np.float32) - _BG  # (K, 3): background -> palette colour
+FG_ALPHA = 0.5        # foreground: at least half way from the background to a palette colour
+MAX_OFF_LINE = 80.0   # RGB distance from the nearest background-colour line beyond which a pixel is no colour
+
+
+def _as_hwc(frame):
+    """uint8 (H, W, 3), float (H, W, 3) or (3, H, W) in [0, 1], numpy or torch -> float32 (H, W, 3) in [0, 255]."""
+    a = frame.detach().cpu().numpy() if isinstance(frame, torch.Tensor) else np.asarray(frame)
+    if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
+        a = a.transpose(1, 2, 0)  # (H, W, 3)
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise ValueError(f"detect: expected an RGB frame (H, W, 3) or (3, H, W), got shape {a.shape}")
+    return a.astype(np.float32) if a.dtype == np.uint8 else np.clip(a.astype(np.float32), 0, 1) * 255
+
+
+def components(mask):
+    """4-connected components of a bool (H, W) mask: int labels, -1 off the mask (min-label propagation)."""
+    h, w = mask.shape
+    n = h * w
+    lab = np.where(mask, np.arange(n).reshape(h, w), n)  # background holds the largest label, so min ignores it
+    while True:
+        new = lab.copy()
+        new[1:] = np.minimum(new[1:], lab[:-1])
+        new[:-1] = np.minimum(new[:-1], lab[1:])
+        new[:, 1:] = np.minimum(new[:, 1:], lab[:, :-1])
+        new[:, :-1] = np.minimum(new[:, :-1], lab[:, 1:])
+        new = np.where(mask, new, n).ravel()
+        new = np.append(new, n)[new].reshape(h, w)  # pointer jumping: take the label of my label
+        if np.array_equal(new, lab):
+            return np.where(mask, lab, -1)
+        lab = new
+
+
+def _unmix(rgb):
+    """Per pixel: nearest palette colour k and its share alpha, the pixel read as background + alpha * (P_k - bg).
+
+    Blurred or anti-aliased edges are such mixtures, so this classifies them by the colour they came from."""
+    c = rgb - _BG                                                     # (H, W, 3)
+    cd = c @ _DIR.T                                                   # (H, W, K)
+    dd = (_DIR * _DIR).sum(1)                                         # (K,)
+    alpha = np.clip(cd / dd, 0, 1)                                    # (H, W, K)
+    off2 = (c * c).sum(-1, keepdims=True) - 2 * alpha * cd + alpha * alpha * dd  # squared distance to each line
+    k = off2.argmin(-1)
+    a = np.take_along_axis(alpha, k[..., None], -1)[..., 0]
+    return k, np.where(np.take_along_axis(off2, k[..., None], -1)[..., 0] <= MAX_OFF_LINE ** 2, a, 0.0)
+
+
+def _classify(comp, x, y, world):
+    """(shape, size) whose ideal mask, drawn at the component's centroid, overlaps the component best (IoU).
+
+    The anchor of every shape is its area centroid, so the pixel centroid places the template to within 1/2 px."""
+    cx, cy = _q(x), _q(y)
+    def iou(sz):
+        m = _mask(sz[0], world.half[sz[1]], cx, cy, world.size)
+        return (m & comp).sum() / (m | comp).sum()
+    return max(itertools.product(SHAPES, SIZES), key=iou)
+
+
+def detect(frame, min_area=None):
+    """Read a frame back into objects (in reading order): palette colour, shape, size class, pixel centroid."""
+    rgb = _as_hwc(frame)
+    if rgb.shape[0] != rgb.shape[1]:
+        raise ValueError(f"detect: expected a square frame, got {rgb.shape[0]}x{rgb.shape[1]}")
+    world = World(rgb.shape[0])
+    min_area = world.min_area if min_area is None else min_area
+    colour, alpha = _unmix(rgb)
+    labels = components(alpha >= FG_ALPHA)
+    out = []
+    for lab in np.unique(labels[labels >= 0]):
+        comp = labels == lab
+        ys, xs = np.nonzero(comp)
+        if len(ys) < min_area:
+            continue
+        votes = np.bincount(colour[ys, xs], weights=alpha[ys, xs], minlength=len(COLOURS))  # majority, by alpha
+        x, y = float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
+        shape, size = _classify(comp, x, y, world)
+        out.append(Obj(COLOURS[votes.argmax()], shape, size, x, y, len(ys)))
+    return sorted(out, key=lambda o: (o.y, o.x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Scoring (eval.py)
+
+def match(expected, detected, keys=("colour", "shape")):
+    """Pairs (i, j) matching expected[i] to detected[j] with equal `keys`; within a key group, nearest (x, y)."""
+    pairs = []
+    for key in {tuple(getattr(e, k) for k in keys) for e in expected}:
+        es = [i for i, e in enumerate(expected) if tuple(getattr(e, k) for k in keys) == key]
+        ds = [j for j, d in enumerate(detected) if tuple(getattr(d, k) for k in keys) == key]
+        def cost(i, j):
+            return math.hypot(expected[i].x - detected[j].x, expected[i].y - detected[j].y)
+        if len(ds) > 7:  # brute force is plenty for the few objects of a frame; keep the nearest few otherwise
+            ds = sorted(ds, key=lambda j: min(cost(i, j) for i in es))[:7]
+        if len(es) <= len(ds):
+            cands = [list(zip(es, dj)) for dj in itertools.permutations(ds, len(es))]
+        else:
+            cands = [list(zip(ei, ds)) for ei in itertools.permutations(es, len(ds))]
+        best = min(cands, key=lambda p: sum(cost(i, j) for i, j in p), default=[])
+        pairs += best
+    return sorted(pairs)
+
+
+def score_caption(generated, truth):
+    """Compare a generated sentence with the true one: exact (same meaning) and, for scenes, objects right."""
+    want = parse(truth)
+    try:
+        got = parse(generated)
+    except ValueError:
+        got = None
+    if isinstance(want, Event):
+        return {"exact": got == want, "n_true": 1, "n_correct": int(got == want), "n_pred": int(got is not None)}
+    got = got if isinstance(got, list) else []
+    correct = sum((Counter(got) & Counter(want)).values())
+    return {"exact": Counter(got) == Counter(want), "n_true": len(want), "n_correct": correct, "n_pred": len(got)}
+
+
+def score_text_to_image(sentence, frame):
+    """Each object a scene sentence names, looked up in the generated frame by colour and shape."""
+    want = parse(sentence)
+    if not isinstance(want, list):
+        raise ValueError(f"score_text_to_image: not a scene sentence: {sentence!r}")
+    det = detect(frame)
+    size = _as_hwc(frame).shape[0]
+    # a named object is looked for near the centre of its cell when the frame holds several of its kind
+    pairs = match([Obj(m.colour, m.shape, m.size, *cell_centre(m.place, size)) for m in want], det)
+    exact = sum(det[j].size == want[i].size and place_of(det[j].x, det[j].y, size) == want[i].place for i, j in pairs)
+    return {"n": len(want), "found": len(pairs), "exact": exact, "extra": len(det) - len(pairs)}
+
+
+def apply_event(objects, event, size):
+    """Expected next frame: list of (Obj, role), role in unmoved | moved | appeared (at its cell's centre) | gone."""
+    out = []
+    for o in objects:
+        if (o.colour, o.shape) != (event.colour, event.shape):
+            out.append((o, "unmoved"))
+        elif event.kind == "move":
+            ux, uy = DIRECTIONS[event.direction]
+            step = World(size).step
+            out.append((Obj(o.colour, o.shape, o.size, o.x + ux * step, o.y + uy * step, o.area), "moved"))
+        elif event.kind == "turn":
+            out.append((Obj(event.new_colour, o.shape, o.size, o.x, o.y, o.area), "unmoved"))
+        else:  # disappears
+            out.append((o, "gone"))
+    if event.kind == "appear":
+        out.append((Obj(event.colour, event.shape, event.size, *cell_centre(event.place, size)), "appeared"))
+    return out
+
+
+def score_continuation(previous, event, frame):
+    """Continuation consistency: centroid errors (px; inf if the object is missing) of unmoved and moved objects."""
+    event = parse(event) if isinstance(event, str) else event
+    size = _as_hwc(frame).shape[0]
+    expected = apply_event(previous, event, size)
+    det = detect(frame)
+    present = [(o, r) for o, r in expected if r != "gone"]
+    found = dict(match([o for o, _ in present], det))
+    res = {"unmoved_err": [], "moved_err": [], "appeared_ok": None, "gone_ok": None,
+           "extra": len(det) - len(found)}
+    for i, (o, role) in enumerate(present):
+        d = det[found[i]] if i in found else None
+        if role == "appeared":
+            res["appeared_ok"] = d is not None and d.size == event.size and place_of(d.x, d.y, size) == event.place
+        else:
+            res[f"{role}_err"].append(math.inf if d is None else math.hypot(d.x - o.x, d.y - o.y))
+    for o, role in expected:
+        if role == "gone":
+            res["gone_ok"] = all((d.colour, d.shape) != (o.colour, o.shape) for d in det)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. JSONL interleaved documents: {"segments": [{"text": "..."}, {"image": "path.png"}, ...]} per line
+
+def read_jsonl(path):
+    """Yield documents (segment lists, images loaded as uint8 (H, W, 3)); image paths are relative to the file.
+
+    Blank lines are skipped and top-level keys other than "segments" ignored. Any other problem raises a
+    one-line ValueError naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: JSONL file not found")
+    with open(path, "rb") as f:
+        for ln, raw in enumerate(f, 1):
+            where = f"{path}:{ln}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{where}: invalid JSON (not UTF-8)") from None
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            segs = doc.get("segments") if isinstance(doc, dict) else None
+            if not isinstance(segs, list) or not segs:
+                raise ValueError(f"{where}: expected an object with a non-empty \"segments\" list")
+            yield [_read_segment(seg, k, path.parent, where) for k, seg in enumerate(segs)]
+
+
+def _read_segment(seg, k, root, where):
+    kind = next(iter(seg)) if isinstance(seg, dict) and len(seg) == 1 else None
+    if kind not in ("text", "image") or not isinstance(seg[kind], str):
+        raise ValueError(f"{where}: segment {k} must be {{\"text\": str}} or {{\"image\": str}}, got {seg!r:.80}")
+    if kind == "text":
+        return seg
+    p = root / seg["image"]
+    if not p.is_file():
+        raise ValueError(f"{where}: segment {k}: image file not found: {p}")
+    try:
+        with Image.open(p) as im:
+            return {"image": np.asarray(im.convert("RGB"))}
+    except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise ValueError(f"{where}: segment {k}: cannot decode image {p} ({type(e).__name__})") from None
+
+
+def write_jsonl(documents, path, image_dir="images"):
+    """Write documents (segment lists or Story objects) as JSONL, images as PNGs in `image_dir` beside it."""
+    path = Path(path)
+    (path.parent / image_dir).mkdir(parents=True, exist_ok=True)
+    lines = []
+    for d, doc in enumerate(documents):
+        segs = []
+        for k, seg in enumerate(doc.segments() if isinstance(doc, Story) else doc):
+            if "image" in seg:
+                rel = f"{image_dir}/{d:06d}_{k:02d}.png"
+                Image.fromarray(np.asarray(seg["image"], np.uint8)).save(path.parent / rel)
+                seg = {"image": rel}
+            segs.append(seg)
+        lines.append(json.dumps({"segments": segs}) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. CLI
+
+def preview(stories, path, zoom=4):
+    """Save a grid: one row per story (its frames), its sentences under it."""
+    font = ImageFont.load_default()
+    n = stories[0].images[0].shape[0] * zoom
+    cols = max(len(s.images) for s in stories)
+    row_h = n + 4 + 12 * 5 + 8
+    width = max(cols * (n + 4), 7 * max(len(t) for s in stories for t in s.sentences) + 30)
+    canvas = Image.new("RGB", (width, row_h * len(stories)), (200, 200, 200))
+    draw = ImageDraw.Draw(canvas)
+    for r, s in enumerate(stories):
+        for c, img in enumerate(s.images):
+            canvas.paste(Image.fromarray(img).resize((n, n), Image.NEAREST), (c * (n + 4), r * row_h))
+        for k, text in enumerate(s.sentences):
+            draw.text((2, r * row_h + n + 4 + 12 * k), f"{k + 1}. {text}", fill=(0, 0, 0), font=font)
+    canvas.save(path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description="ShapeStories: preview a few stories or write them as JSONL.")
+    ap.add_argument("--preview", metavar="PNG", help="save a grid of stories to this image")
+    ap.add_argument("--write-jsonl", metavar="PATH", help="write stories as JSONL (+ PNGs in images/ beside it)")
+    ap.add_argument("--n", type=int, default=6, help="number of stories")
+    ap.add_argument("--split", default="train", choices=list(SPLITS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=32, help="frame size in pixels")
+    args = ap.parse_args()
+    if not (args.preview or args.write_jsonl):
+        ap.error("give --preview and/or --write-jsonl")
+    stories = [make_story(args.split, args.seed, i, args.size) for i in range(args.n)]
+    if args.preview:
+        preview(stories, args.preview)
+    if args.write_jsonl:
+        write_jsonl(stories, args.write_jsonl)
+    for i, s in enumerate(stories):
+        print(f"story {i}: " + " | ".join(s.sentences))
+
+
+if __name__ == "__main__":
+    main()
