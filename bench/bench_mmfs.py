@@ -1,0 +1,150 @@
+"""MSDA core of MMFS: mmfs.msda_reference (grid_sample) vs the fused numba CPU kernel (kernels/msda.py).
+
+    python bench/bench_mmfs.py [--repeats 5]
+
+Prints median wall times side by side, speed-ups, the peak extra memory of each (resident-set high-water mark above
+the level just before the call, each measured in a fresh process), the part of it beyond the results every
+implementation must hold ("workspace": output, upstream gradient, the three gradients), and the fused kernel's
+compile time in a process with an empty numba cache and in a second process that finds the cache. float32, torch's
+and numba's default threads.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from kernels.msda import msda_fused  # noqa: E402
+from mmfs import msda_reference  # noqa: E402
+
+SHAPES = {  # B batch, Q queries, M heads, D channels per head, P points; maps: one (H, W) per image-level
+    "tiny": dict(B=1, Q=16, M=2, D=8, P=4, maps=[(4, 4), (2, 2)]),
+    "llm": dict(B=1, Q=512, M=16, D=64, P=8, maps=[(32, 32), (16, 16), (8, 8)] * 4),  # 4 images × 3 levels
+}
+IMPLS = {"reference": msda_reference, "fused": msda_fused}
+MODES = ("fwd", "fwd+bwd")
+# memory runs: blocks over 64 KiB get their own mmap, so freed memory leaves the resident set and every new
+# allocation shows up in it (glibc would otherwise recycle freed heap silently)
+MALLOC_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+
+
+def make_inputs(shape, seed=0):
+    """Inputs as MMFS makes them: points scattered around image centres, one softmax over levels × points."""
+    s = SHAPES[shape]
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.tensor(s["maps"])                                                      # (Lv, 2)
+    sizes = maps[:, 0] * maps[:, 1]                                                     # (Lv,)
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])                      # (Lv,)
+    B, Q, M, D, P, Lv = s["B"], s["Q"], s["M"], s["D"], s["P"], len(maps)
+    value = torch.randn(B, int(sizes.sum()), M, D, generator=g)                         # (B, S, M, D)
+    loc = 0.5 + 0.25 * torch.randn(B, Q, M, Lv, P, 2, generator=g)                      # (B, Q, M, Lv, P, 2)
+    attn = torch.randn(B, Q, M, Lv * P, generator=g).softmax(-1).view(B, Q, M, Lv, P)   # (B, Q, M, Lv, P)
+    return value, maps, starts, loc, attn
+
+
+def step(impl, args, mode):
+    """One forward (no autograd graph) or one forward + backward of an all-ones upstream gradient; -> result bytes."""
+    fn = IMPLS[impl]
+    if mode == "fwd":
+        with torch.no_grad():
+            out = fn(*args)
+        return out.numel() * out.element_size()
+    value, maps, starts, loc, attn = args
+    leaves = [t.detach().requires_grad_() for t in (value, loc, attn)]
+    out = fn(leaves[0], maps, starts, leaves[1], leaves[2])
+    out.backward(torch.ones_like(out))
+    results = [out, out, *(t.grad for t in leaves)]  # out, its upstream gradient, the three gradients
+    return sum(t.numel() * t.element_size() for t in results)
+
+
+def median_seconds(impl, args, mode, repeats):
+    step(impl, args, mode)  # warm-up (and, for the fused kernel, load it from the cache)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step(impl, args, mode)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def peak_extra_bytes(shape, impl, mode):
+    """In this (fresh) process: resident high-water mark of one call above the resident size just before it,
+    and the bytes of its results (output, upstream gradient, gradients), which any implementation must hold."""
+    step(impl, make_inputs("tiny"), mode)  # load kernels and torch's lazy state first
+    args = make_inputs(shape)
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM to the current resident size
+        f.write("5")
+    before = _status_kb("VmRSS")
+    result_bytes = step(impl, args, mode)
+    return (_status_kb("VmHWM") - before) * 1024, result_bytes
+
+
+def measure_in_subprocess(*argv, env=None):
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def first_call_seconds():
+    """Wall time of the first fused forward + backward of this process (compile or cache load included)."""
+    args = make_inputs("tiny")
+    t = time.perf_counter()
+    step("fused", args, "fwd+bwd")
+    first = time.perf_counter() - t
+    return first - median_seconds("fused", args, "fwd+bwd", 5)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory", nargs=3, metavar=("SHAPE", "IMPL", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--first-call", action="store_true", help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.memory:
+        print(json.dumps(peak_extra_bytes(*a.memory)))
+        return
+    if a.first_call:
+        print(json.dumps(first_call_seconds()))
+        return
+
+    with tempfile.TemporaryDirectory() as cache:  # compile cost: empty numba cache, then a second process
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        compile_s, cached_s = (measure_in_subprocess("--first-call", env=env) for _ in range(2))
+
+    print(f"MSDA core, float32, CPU: {os.cpu_count()} cores, torch {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f} at start; median of {a.repeats} runs")
+    cols = ["shape", "pass", "reference ms", "fused ms", "speed-up", "ref peak MB", "fused peak MB", "peak ratio",
+            "ref workspace MB", "fused workspace MB"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join("-" * (len(c) + 2) for c in cols) + "|")
+    for shape in SHAPES:
+        args = make_inputs(shape)
+        for mode in MODES:
+            t = {impl: median_seconds(impl, args, mode, a.repeats) for impl in IMPLS}
+            mem = {impl: measure_in_subprocess("--memory", shape, impl, mode, env=MALLOC_ENV) for impl in IMPLS}
+            peak = {impl: mem[impl][0] / 2**20 for impl in IMPLS}
+            work = {impl: max(0, mem[impl][0] - mem[impl][1]) / 2**20 for impl in IMPLS}  # peak beyond the results
+            ratio = f"1/{peak['reference'] / peak['fused']:.1f}" if peak["fused"] > 0 else "n/a"
+            row = [shape, mode, f"{t['reference'] * 1e3:.2f}", f"{t['fused'] * 1e3:.2f}",
+                   f"{t['reference'] / t['fused']:.1f}x", f"{peak['reference']:.1f}", f"{peak['fused']:.1f}", ratio,
+                   f"{work['reference']:.1f}", f"{work['fused']:.1f}"]
+            print("| " + " | ".join(f"{v:>{len(c)}}" for v, c in zip(row, cols)) + " |")
+    print(f"fused first call (fwd+bwd, tiny) beyond a warm call: {compile_s:.1f} s with an empty numba cache, "
+          f"{cached_s:.2f} s in a second process (cache hit); load average now {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
