@@ -147,15 +147,19 @@ class MMFS(nn.Module):
                              f"{self.max_num_image_per_seq - 1}")
         return rel
 
-    def forward(self, query, reference_points, value, image_mask):
+    def forward(self, query, reference_points, value, image_mask, value_projected=False):
         """query (B, Lq, d_query), reference_points (B|1, Lq|1, 2) in [0,1] as (x, y), value (B, n, Σ_l H_l·W_l,
-        d_value), image_mask (B, n) or (B, Lq, n) with 1 = visible -> (B, Lq, d_out)."""
+        d_value), image_mask (B, n) or (B, Lq, n) with 1 = visible -> (B, Lq, d_out).
+
+        With value_projected=True, `value` is already `value_proj(features)` (B, n, Σ_l H_l·W_l, dv): a caller that
+        decodes token by token projects its images once instead of once per token.
+        """
         B, Lq, _ = query.shape
         n, S = value.shape[1], value.shape[2]
         M, L, P, D = self.n_heads, self.n_levels, self.n_points, self.dv // self.n_heads
-        hw = sum(h * w for h, w in self.spatial_shapes)
-        if value.dim() != 4 or value.shape[0] != B or S != hw or value.shape[3] != self.d_value:
-            raise ValueError(f"MMFS: value must be (B={B}, n, {hw}, {self.d_value}) for levels {self.spatial_shapes}, "
+        hw, width = sum(h * w for h, w in self.spatial_shapes), self.dv if value_projected else self.d_value
+        if value.dim() != 4 or value.shape[0] != B or S != hw or value.shape[3] != width:
+            raise ValueError(f"MMFS: value must be (B={B}, n, {hw}, {width}) for levels {self.spatial_shapes}, "
                              f"got {tuple(value.shape)}")
         if image_mask.dim() == 2:
             image_mask = image_mask[:, None, :].expand(B, Lq, image_mask.shape[-1])        # (B, Lq, n)
@@ -167,7 +171,7 @@ class MMFS(nn.Module):
         mask = image_mask.bool()
         rel = self.relative_index(mask)                                                  # (B, Lq, n)
 
-        v = self.value_proj(value).reshape(B, n * S, M, D)                               # (B, n·S, M, D)
+        v = (value if value_projected else self.value_proj(value)).reshape(B, n * S, M, D)  # (B, n·S, M, D)
 
         # Per-image query q_n = W_dyn·q + relpos[r_n]. Every head below is linear, so f(q_n) = f(W_dyn·q) + W_f·relpos[r_n]:
         # one linear over the Lq queries plus a gathered per-image term, never a (B, n, Lq, d_query) copy of the query.

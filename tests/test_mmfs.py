@@ -136,6 +136,17 @@ def test_relative_index():
         m.relative_index(torch.ones(1, 1, 6, dtype=torch.bool))
 
 
+def test_pre_projected_values_give_the_same_output():
+    m = make()
+    query, ref, value, mask = inputs(m, n=2)
+    with torch.no_grad():
+        projected = m.value_proj(value)                                         # (B, n, S, dv)
+    torch.testing.assert_close(m(query, ref, projected, mask, value_projected=True), m(query, ref, value, mask),
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="value must be"):
+        m(query, ref, value, mask, value_projected=True)  # raw features where projected ones are expected
+
+
 def test_init_matches_authors():
     m = MMFS(16, 3, 2, 4, [8, 4, 2], 4, d_value=8, offset_init_magnitude=3.0)
     assert torch.equal(m.sampling_offsets.weight, torch.zeros_like(m.sampling_offsets.weight))
