@@ -161,25 +161,26 @@ class MMFS(nn.Module):
         if value.dim() != 4 or value.shape[0] != B or S != hw or value.shape[3] != width:
             raise ValueError(f"MMFS: value must be (B={B}, n, {hw}, {width}) for levels {self.spatial_shapes}, "
                              f"got {tuple(value.shape)}")
-        if image_mask.dim() == 2:
-            image_mask = image_mask[:, None, :].expand(B, Lq, image_mask.shape[-1])        # (B, Lq, n)
-        if image_mask.shape != (B, Lq, n):
+        mask = image_mask[:, None, :] if image_mask.dim() == 2 else image_mask             # (B, 1 or Lq, n)
+        if mask.shape not in ((B, 1, n), (B, Lq, n)):
             raise ValueError(f"MMFS: image_mask must be (B, n) = ({B}, {n}) or (B, Lq, n) = ({B}, {Lq}, {n}), "
                              f"got {tuple(image_mask.shape)}")
         if n == 0:  # no image slots at all: the sink takes all the mass, as when every image is masked
             return self.output_proj(query.new_zeros(B, Lq, self.dv))
-        mask = image_mask.bool()
-        rel = self.relative_index(mask)                                                  # (B, Lq, n)
+        # A 2-D mask is the same for every query: keep its query axis at 1 and let it broadcast below.
+        mask = mask.bool()
+        rel = self.relative_index(mask)                                                  # (B, 1 or Lq, n)
 
         v = (value if value_projected else self.value_proj(value)).reshape(B, n * S, M, D)  # (B, n·S, M, D)
 
-        # Per-image query q_n = W_dyn·q + relpos[r_n]. Every head below is linear, so f(q_n) = f(W_dyn·q) + W_f·relpos[r_n]:
-        # one linear over the Lq queries plus a gathered per-image term, never a (B, n, Lq, d_query) copy of the query.
+        # Per-image query q_n = W_dyn·q + relpos[r_n]. Heads are linear: f(q_n) = f(W_dyn·q) + W_f·relpos[r_n]:
+        # one linear over the Lq queries plus a gathered per-image term, never a (B, n, Lq, d_query) query copy.
         q = self.dynamic_offset_mask(query)                                              # (B, Lq, d_query)
-        rel_emb = self.query_relpos.weight                                               # (max_img, d_query)
-        offsets = self.sampling_offsets(q)[:, :, None] + F.linear(rel_emb, self.sampling_offsets.weight)[rel]
+        rel_off = F.linear(self.query_relpos.weight, self.sampling_offsets.weight)       # (max_img, M·P·2)
+        rel_att = F.linear(self.query_relpos.weight, self.attention_weights.weight)      # (max_img, M·L·(P+1))
+        offsets = self.sampling_offsets(q)[:, :, None] + F.embedding(rel, rel_off)       # (B, Lq, n, M·P·2)
         offsets = offsets.view(B, Lq, n, M, 1, P, 2).permute(0, 1, 3, 2, 4, 5, 6)         # (B, Lq, M, n, 1, P, 2)
-        logits = self.attention_weights(q)[:, :, None] + F.linear(rel_emb, self.attention_weights.weight)[rel]
+        logits = self.attention_weights(q)[:, :, None] + F.embedding(rel, rel_att)       # (B, Lq, n, M·L·(P+1))
         logits = logits.view(B, Lq, n, M, L, P + 1).permute(0, 1, 3, 2, 4, 5)            # (B, Lq, M, n, L, P+1)
 
         # Offsets are shared across levels and scaled by S_l / base, then normalised by (W_l, H_l) — so a raw offset

@@ -102,7 +102,7 @@ def load_state(path):
 
 
 def check_keys(module, state, source):
-    """Compare a state dict with a module's parameters/buffers; one error lists every missing, extra or mis-shaped key."""
+    """Compare a state dict with a module's tensors; one error lists every missing, extra or mis-shaped key."""
     expected = module.state_dict()
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())

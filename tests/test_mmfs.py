@@ -1,4 +1,4 @@
-"""MMFS module: the authors' maths (checked against a literal per-query loop), masks, sinks, relative index, backends."""
+"""MMFS: the authors' maths (checked against a literal per-query loop), masks, sinks, relative index, backends."""
 import math
 
 import pytest
@@ -8,7 +8,15 @@ from hypothesis import given, settings, strategies as st
 import mmfs
 from mmfs import MMFS, msda, msda_reference, pos_embed_2d, sincos_1d, sincos_2d
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Every tensor and module here is float64 (restored afterwards, so other test files keep float32)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def make(levels=((4, 4), (2, 3)), n_heads=2, n_points=3, d_model=12, d_value=10, ratio=0.5, base=4, max_img=6,

@@ -1,4 +1,4 @@
-"""weights.py: finding, reading, checking and atomically writing safetensors checkpoints; every failure names the file."""
+"""weights.py: finding, reading, checking and atomically writing checkpoints; every failure names the file."""
 import json
 
 import pytest
