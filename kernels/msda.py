@@ -14,9 +14,13 @@ Python functions `_footprint`, `_weights` and `_grads`. Each is compiled twice, 
 the CPU kernels and by `numba.cuda.jit(device=True)` for the CUDA kernels; only the loops around them differ.
 
 Thread -> work mapping:
-  CPU forward    prange over (b, q, m): an iteration owns out[b, q, m, :] and loops over levels, points, channels.
+  CPU forward    prange over (b, m, q), q fastest: an iteration owns out[b, q, m, :] and loops over levels, points,
+                 channels. It reads a head-major copy of value, (B, M, S, D): a thread's head then lies contiguous and
+                 stays in cache, where in (B, S, M, D) its rows lie M·D apart (and on few cache sets).
   CPU backward   prange over (b, m, l): an iteration owns grad_value[b, rows of level l, m, :] (bilinear corners never
-                 leave their level) and the grad_loc / grad_attn slots (b, :, m, l, :), so plain += is race-free.
+                 leave their level) and the grad_loc / grad_attn slots (b, :, m, l, :), so plain += is race-free. It
+                 copies its value rows to a contiguous scratch, accumulates their gradient in another and writes it
+                 out once at the end (so grad_value needs no zeroing).
   CUDA forward   one thread per output element (b, q, m, c), looping over levels and points; neighbouring threads read
                  neighbouring channels, so loads coalesce.
   CUDA backward  one thread per sample (b, q, m, l, p): it loops over the D channels itself (any D, no block-size
@@ -31,7 +35,6 @@ import and CUDA is never touched there: the CPU kernels compile on their first c
 Read bottom-up: per-sample maths, CPU kernels, CUDA kernels, launch, autograd Function, public functions.
 """
 import functools
-import math
 
 import numba
 import numpy as np
@@ -42,6 +45,10 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CUDA_THREADS = 128  # threads per block of both CUDA kernels
 _CPU_GRAIN = 1 << 16  # CPU work (samples × channels) per thread below which fewer threads are used
 cuda = None  # numba.cuda, imported on first CUDA use (_cuda_kernels): importing this module never touches CUDA
+# numba's "omp" threading layer shares the OpenMP runtime with torch: its set_num_threads then changes torch's thread
+# count and the two pools spin against each other. The "workqueue" pool is numba's own; NUMBA_THREADING_LAYER overrides.
+if numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "workqueue"
 
 # ----------------------------------------------------------------------------------------------------------------
 # per-sample maths, shared by every kernel (plain Python; compiled once for the CPU and once for CUDA below)
@@ -54,8 +61,8 @@ def _footprint(lx, ly, start, h, w, ft):
     y = ly * fh - ft(0.5)
     if not (x > -one and y > -one and x < fw and y < fh):  # skipped sample; rejects huge |loc| before any int cast
         return False, start, start, start, start, zero, zero, zero, zero, zero, zero
-    x0 = int(math.floor(x))  # in [-1, w-1] here, so the cast cannot wrap
-    y0 = int(math.floor(y))
+    x0, y0 = int(x), int(y)  # truncation, then floor below: an inline cast, not a libm floor call
+    x0, y0 = x0 - (1 if ft(x0) > x else 0), y0 - (1 if ft(y0) > y else 0)  # in [-1, w-1] and [-1, h-1]
     # corners off the map read as 0: their mask is 0 and their row is clamped to an in-map pixel of the same level
     kx0, kx1 = (one if x0 >= 0 else zero), (one if x0 + 1 < w else zero)
     ky0, ky1 = (one if y0 >= 0 else zero), (one if y0 + 1 < h else zero)
@@ -86,12 +93,15 @@ def _grads(s1, s2, s3, s4, k1, k2, k3, k4, lw, lh, a, h, w, ft):
 _inline = numba.njit(inline="always", fastmath=False)
 _cpu_footprint, _cpu_weights, _cpu_grads = _inline(_footprint), _inline(_weights), _inline(_grads)
 _cpu_jit = numba.njit(parallel=True, cache=True, fastmath=False)  # compiled on first call, then loaded from disk
+# the backward may reassociate sums, so its four channel dot products vectorise (the order is still fixed: bitwise
+# reproducible run after run); no other fast-math flag (NaN / inf keep their IEEE meaning)
+_cpu_jit_bwd = numba.njit(parallel=True, cache=True, fastmath={"reassoc"})
 
 
 @_cpu_jit
 def _cpu_forward(value, shapes, starts, loc, attn, out, ft):
-    """out (B, Q, M, D), zero on entry, += the attention-weighted bilinear samples."""
-    B, _, M, D = value.shape
+    """out (B, Q, M, D), zero on entry, += the attention-weighted bilinear samples of value (B, M, S, D)."""
+    B, M, _, D = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
     for i in numba.prange(B * M * Q):  # iteration i owns out[b, q, m, :]; q fastest, so a thread stays on one head
         b, m, q = i // (M * Q), i // Q % M, i % Q
@@ -105,43 +115,64 @@ def _cpu_forward(value, shapes, starts, loc, attn, out, ft):
                 a = attn[b, q, m, l, p]
                 w1, w2, w3, w4 = _cpu_weights(lw, lh, k1, k2, k3, k4, ft)
                 w1, w2, w3, w4 = a * w1, a * w2, a * w3, a * w4
-                for c in range(D):  # contiguous, vectorised
-                    out[b, q, m, c] += (w1 * value[b, r1, m, c] + w2 * value[b, r2, m, c]
-                                        + w3 * value[b, r3, m, c] + w4 * value[b, r4, m, c])
+                for c in range(D):  # contiguous, vectorised; no array views in loops (each would be refcounted)
+                    out[b, q, m, c] += (w1 * value[b, m, r1, c] + w2 * value[b, m, r2, c]
+                                        + w3 * value[b, m, r3, c] + w4 * value[b, m, r4, c])
 
 
-@_cpu_jit
+@_cpu_jit_bwd
 def _cpu_backward(value, shapes, starts, loc, attn, grad_out, grad_value, grad_loc, grad_attn, ft):
-    """grad_value, grad_loc, grad_attn (all zero on entry) from grad_out (B, Q, M, D)."""
+    """grad_value (B, S, M, D) (written whole), grad_loc, grad_attn (zero on entry) from grad_out (B, Q, M, D)."""
     B, _, M, D = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    zero = ft(0.0)
     for i in numba.prange(B * M * L):  # iteration i owns level l of (b, m): see the module docstring
         b, m, l = i // (M * L), i // L % M, i % L
         h, w, start = shapes[l, 0], shapes[l, 1], starts[l]
+        # the level's rows of head (b, m), copied contiguous: in value they lie M·D apart (and on few cache sets)
+        v, gv = np.empty((h * w, D), value.dtype), np.zeros((h * w, D), value.dtype)  # (h·w, D) each
+        for r in range(h * w):
+            for c in range(D):
+                v[r, c] = value[b, start + r, m, c]
         for q in range(Q):
             for p in range(P):
                 ok, r1, r2, r3, r4, k1, k2, k3, k4, lw, lh = _cpu_footprint(
-                    loc[b, q, m, l, p, 0], loc[b, q, m, l, p, 1], start, h, w, ft)
+                    loc[b, q, m, l, p, 0], loc[b, q, m, l, p, 1], 0, h, w, ft)  # rows counted from the level start
                 if not ok:
                     continue  # the three gradients of a skipped sample stay 0
                 a = attn[b, q, m, l, p]
                 w1, w2, w3, w4 = _cpu_weights(lw, lh, k1, k2, k3, k4, ft)
                 w1, w2, w3, w4 = a * w1, a * w2, a * w3, a * w4
-                s1 = s2 = s3 = s4 = ft(0.0)
-                for c in range(D):  # the corners' dot products with grad_out (strict order: no fastmath)
-                    gc = grad_out[b, q, m, c]
-                    s1 += gc * value[b, r1, m, c]
-                    s2 += gc * value[b, r2, m, c]
-                    s3 += gc * value[b, r3, m, c]
-                    s4 += gc * value[b, r4, m, c]
-                for r, wr, k in ((r1, w1, k1), (r2, w2, k2), (r3, w3, k3), (r4, w4, k4)):
-                    if k != 0:  # rows owned by iteration i; one loop per corner vectorises (rows may coincide)
-                        for c in range(D):
-                            grad_value[b, r, m, c] += wr * grad_out[b, q, m, c]
+                s1 = s2 = s3 = s4 = zero
+                if k1 != zero and k2 != zero and k3 != zero and k4 != zero:  # 4 distinct in-map rows: one pass
+                    for c in range(D):
+                        gc = grad_out[b, q, m, c]
+                        s1 += gc * v[r1, c]
+                        s2 += gc * v[r2, c]
+                        s3 += gc * v[r3, c]
+                        s4 += gc * v[r4, c]
+                        gv[r1, c] += w1 * gc
+                        gv[r2, c] += w2 * gc
+                        gv[r3, c] += w3 * gc
+                        gv[r4, c] += w4 * gc
+                else:  # on the border: off-map corners are skipped, clamped rows may coincide
+                    for c in range(D):
+                        gc = grad_out[b, q, m, c]
+                        s1 += gc * v[r1, c]
+                        s2 += gc * v[r2, c]
+                        s3 += gc * v[r3, c]
+                        s4 += gc * v[r4, c]
+                    for r, wr, k in ((r1, w1, k1), (r2, w2, k2), (r3, w3, k3), (r4, w4, k4)):
+                        if k != zero:
+                            for c in range(D):
+                                gv[r, c] += wr * grad_out[b, q, m, c]
                 ga, gx, gy = _cpu_grads(s1, s2, s3, s4, k1, k2, k3, k4, lw, lh, a, h, w, ft)
                 grad_attn[b, q, m, l, p] = ga
                 grad_loc[b, q, m, l, p, 0] = gx
                 grad_loc[b, q, m, l, p, 1] = gy
+        for r in range(h * w):
+            for c in range(D):
+                grad_value[b, start + r, m, c] = gv[r, c]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,13 +261,22 @@ def _launch(target, which, n, tensors):
         return
     ft = np.float64 if tensors[0].dtype == torch.float64 else np.float32
     if target == "cpu":
-        threads = numba.get_num_threads()
+        # as many threads as torch uses (never more than numba's pool); fewer for small calls, where waking threads
+        # costs more than it saves. numba's own thread pool is used (see _THREADING_LAYER), so torch's is untouched.
+        threads = min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())
         work = tensors[4].numel() * tensors[0].shape[3]  # samples × channels
-        numba.set_num_threads(max(1, min(threads, work // _CPU_GRAIN)))  # small calls: waking threads costs more
+        arrays = [t.numpy() for t in tensors]
+        if which == 0:  # the forward reads value head-major (see the module docstring)
+            head_major = tensors[0].transpose(1, 2)                                      # (B, M, S, D) view
+            # copy it only when a head's Q·Lv·P samples amortise copying its S rows (not when decoding one token)
+            few = tensors[4][0, :, 0].numel() < tensors[0].shape[1]
+            arrays[0] = (head_major if few else head_major.contiguous()).numpy()
+        saved = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(threads, work // _CPU_GRAIN)))
         try:
-            (_cpu_forward, _cpu_backward)[which](*(t.numpy() for t in tensors), ft)
+            (_cpu_forward, _cpu_backward)[which](*arrays, ft)
         finally:
-            numba.set_num_threads(threads)
+            numba.set_num_threads(saved)
         return
     kernel = _cuda_kernels(ft)[which]
     blocks = (n + _CUDA_THREADS - 1) // _CUDA_THREADS
@@ -278,7 +318,9 @@ class MSDAFunction(torch.autograd.Function):
         shapes, starts = spatial_shapes.long(), level_start_index.long()
         B, _, M, D = v.shape
         g = grad_out.to(v.dtype).contiguous().view(B, loc.shape[1], M, D)  # (B, Q, M, D)
-        grad_value, grad_loc, grad_attn = torch.zeros_like(v), torch.zeros_like(loc), torch.zeros_like(attn)
+        # the CPU backward writes every entry of grad_value; the CUDA one adds into it
+        grad_value = torch.empty_like(v) if ctx.target == "cpu" and attn.numel() else torch.zeros_like(v)
+        grad_loc, grad_attn = torch.zeros_like(loc), torch.zeros_like(attn)
         _launch(ctx.target, 1, attn.numel(), (v, shapes, starts, loc, attn, g, grad_value, grad_loc, grad_attn))
         return (grad_value.to(value.dtype), None, None, grad_loc.to(sampling_locations.dtype),
                 grad_attn.to(attention_weights.dtype), None)

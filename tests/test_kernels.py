@@ -121,6 +121,13 @@ def test_cpu_matches_reference(case, dtype):
     check_against_reference(msda_fused, case, dtype)
 
 
+@pytest.mark.parametrize("Q, shapes", [(1, [(9, 7), (5, 4)]), (40, [(2, 1)])])
+def test_both_value_layouts_of_the_forward(Q, shapes):
+    """Few samples per head (one decoded token) read value in place; many read a head-major copy: both exact."""
+    for dtype in (torch.float64, torch.float32):
+        check_against_reference(msda_fused, dict(B=2, Q=Q, M=3, D=5, shapes=shapes, P=2, seed=Q), dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(dtype):
     case = dict(B=2, Q=17, M=3, D=30, shapes=[(5, 3), (1, 1), (2, 7)], P=4, seed=7)
