@@ -181,8 +181,8 @@ class CrossAttention(nn.Module):
         if memo is None:
             return torch.tanh(self.gate) * self.attn(self.norm1(h), ref, self.norm2(images), image_mask)
         # cached decoding: project the image features once per `images` tensor, not once per new token
-        if memo.get("images") is not images:
-            memo["images"], memo["values"] = images, self.attn.value_proj(self.norm2(images))  # (B, n, S, dv)
+        if memo.get("images") is not images or memo.get("version") != images._version:  # new or edited in place
+            memo.update(images=images, version=images._version, values=self.attn.value_proj(self.norm2(images)))
         return torch.tanh(self.gate) * self.attn(self.norm1(h), ref, memo["values"], image_mask, value_projected=True)
 
 
@@ -206,7 +206,7 @@ class DecoderLayer(nn.Module):
 
 class KVCache:
     """Preallocated keys and values of every layer: (B, n_kv_heads, max_len, head_dim) each, written in place;
-    plus, per layer, the MMFS value projection of the last `images` tensor seen (by identity)."""
+    plus, per layer, the MMFS value projection of the last `images` tensor seen (by identity and version)."""
 
     def __init__(self, cfg, batch, max_len, dtype=torch.float32, device="cpu"):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.d_head)
@@ -293,6 +293,8 @@ class LLaMA(nn.Module):
         end = start_pos + T
         if end > self.cfg.max_seq_len:
             raise ValueError(f"LLaMA: sequence of {end} tokens is longer than max_seq_len = {self.cfg.max_seq_len}")
+        if cache is None and start_pos:
+            raise ValueError(f"LLaMA: start_pos = {start_pos} needs the KV cache of the tokens before it")
         if cache is not None and end > cache.max_len:
             raise ValueError(f"LLaMA: sequence of {end} tokens does not fit the KV cache of {cache.max_len}")
         if images is not None:
@@ -398,23 +400,23 @@ class LLaMA(nn.Module):
 # around the LLM: which images a token sees, visual tokens in the sequence
 
 
-def image_visibility(tokens, bos_id, boi_id, n_images):
+def image_visibility(tokens, bos_id, boi_id, n_images, images_per_row=None):
     """Reference §3.4: token t sees image k iff bos(t) < soi_k + 1 <= t -> (B, T, n_images) bool.
 
     Image k of a row is the one opened by the row's k-th `<BoI>`; its placeholders start at soi_k + 1, so the `<BoI>`
     token itself does not see its image and the placeholders do. bos(t) is the last `<s>` at or before t (-1 if
-    none), so packed documents never see each other's images. Slots without a `<BoI>` (padding) are invisible, and
-    `<BoI>`s beyond n_images (an image not produced yet) open nothing. For cached decoding pass the whole sequence so
-    far and keep the rows of the new tokens.
+    none), so packed documents never see each other's images. Only the first `images_per_row[b]` (default n_images)
+    `<BoI>`s of row b open a slot, as the authors map num_image_per_seq: padded slots and images not produced (or
+    cut off) stay invisible. For cached decoding pass the whole sequence so far and keep the rows of the new tokens.
     """
     B, T = tokens.shape
     pos = torch.arange(T, device=tokens.device)                                           # (T,)
     is_boi = tokens == boi_id                                                             # (B, T)
     rank = is_boi.long().cumsum(1) - 1                                                    # (B, T): k of the k-th <BoI>
-    first = torch.full((B, n_images + 1), -1, dtype=torch.long, device=tokens.device)     # (B, n+1); slot n = overflow
-    rows, cols = is_boi.nonzero(as_tuple=True)
-    first[rows, rank[rows, cols].clamp(max=n_images)] = cols + 1  # overflow <BoI>s all land in the dropped slot
-    first = first[:, :n_images]                                                           # (B, n): soi_k + 1, or -1
+    limit = n_images if images_per_row is None else torch.as_tensor(images_per_row, device=tokens.device)[:, None]
+    rows, cols = (is_boi & (rank < limit) & (rank < n_images)).nonzero(as_tuple=True)
+    first = torch.full((B, n_images), -1, dtype=torch.long, device=tokens.device)         # (B, n): soi_k + 1, or -1
+    first[rows, rank[rows, cols]] = cols + 1
     bos = torch.where(tokens == bos_id, pos, -1).cummax(1).values                         # (B, T)
     first = first[:, None, :]                                                             # (B, 1, n)
     return (first >= 0) & (first > bos[:, :, None]) & (first <= pos[None, :, None])       # (B, T, n)
@@ -576,6 +578,9 @@ def generate(model, prompt, max_new_tokens, stop_ids=(), inputs_embeds=None, ima
     B, T0 = prompt.shape
     if images is not None and (bos_id is None or boi_id is None):
         raise ValueError("generate: images need bos_id and boi_id for the visibility mask")
+    if T0 + max_new_tokens > model.cfg.max_seq_len:  # fail before the work, not part-way through it
+        raise ValueError(f"generate: {T0} prompt + {max_new_tokens} new tokens exceed max_seq_len = "
+                         f"{model.cfg.max_seq_len}")
     buf = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=prompt.device)
     buf[:, :T0] = prompt
     cache = model.new_cache(B, T0 + max_new_tokens) if use_cache else None

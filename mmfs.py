@@ -173,8 +173,8 @@ class MMFS(nn.Module):
 
         v = (value if value_projected else self.value_proj(value)).reshape(B, n * S, M, D)  # (B, n·S, M, D)
 
-        # Per-image query q_n = W_dyn·q + relpos[r_n]. Heads are linear: f(q_n) = f(W_dyn·q) + W_f·relpos[r_n]:
-        # one linear over the Lq queries plus a gathered per-image term, never a (B, n, Lq, d_query) query copy.
+        # Per-image query q_n = W_dyn·q + relpos[r_n]. The heads f are linear, so f(q_n) = f(W_dyn·q) + W_f·relpos[r_n]
+        # is one linear over the Lq queries plus a gathered per-image term, never a (B, n, Lq, d_query) query copy.
         q = self.dynamic_offset_mask(query)                                              # (B, Lq, d_query)
         rel_off = F.linear(self.query_relpos.weight, self.sampling_offsets.weight)       # (max_img, M·P·2)
         rel_att = F.linear(self.query_relpos.weight, self.attention_weights.weight)      # (max_img, M·L·(P+1))

@@ -29,7 +29,7 @@ def hf_llama(tmp_path, kv_heads=4, tie=False, shard="24KB"):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=kv_heads, max_position_embeddings=64, tie_word_embeddings=tie,
-                      rope_theta=500.0)
+                      rope_theta=500.0, rms_norm_eps=1e-5)  # not our default eps: the config must be read
     model = LlamaForCausalLM(cfg).float().eval()
     path = tmp_path / "hf"
     model.save_pretrained(path, safe_serialization=True, max_shard_size=shard)
@@ -156,6 +156,10 @@ def test_visibility_handmade():
     # more <BoI>s than image slots (generation stopped at a <BoI>): the extra one opens nothing
     vis = image_visibility(torch.tensor([[BOI, I, BOI, I, BOI]]), BOS, BOI, 2)
     assert vis[0].tolist() == [[False, False], [True, False], [True, False], [True, True], [True, True]]
+    # rows with fewer real images than <BoI>s (padded batch, truncated image): only the first images_per_row count
+    tokens = torch.tensor([[BOS, BOI, I, A, BOI, I, A], [BOS, BOI, I, A, BOI, A, A]])
+    vis = image_visibility(tokens, BOS, BOI, 2, images_per_row=[2, 1])
+    assert vis[0, 5:, 1].all() and not vis[1, :, 1].any() and vis[1, 2:, 0].all()
 
 
 @settings(deadline=None, max_examples=6)
@@ -236,6 +240,19 @@ def test_cached_decoding_projects_images_once():
     for h in hooks:
         h.remove()
     assert cached == len(blocks) and len(calls) - cached == 6 * len(blocks)
+
+
+def test_cache_notices_images_edited_in_place():
+    """The per-layer MMFS value memo must not serve stale projections after `images` changes in place."""
+    model = mm_model(TINY, 7)
+    tokens, images, mask = mm_inputs(7, B=2, T=12)
+    block = model.model.layers[0].llama_cross_attn
+    with torch.no_grad():
+        cache = model.new_cache(2, 16)
+        model(tokens[:, :6], images=images, image_mask=mask[:, :6], cache=cache)
+        images.add_(torch.randn_like(images))  # e.g. a placeholder replaced by the generated image
+        model(tokens[:, 6:], images=images, image_mask=mask[:, 6:], cache=cache, start_pos=6)
+        torch.testing.assert_close(cache.mmfs[0]["values"], block.attn.value_proj(block.norm2(images)), **F64)
 
 
 def test_sampling_is_seeded_and_top_p_limits():
@@ -379,7 +396,9 @@ def test_bad_model_inputs():
     tokens, images, mask = mm_inputs(0, dtype=torch.float32)
     with pytest.raises(ValueError, match="image_mask must be"):
         model(tokens, images=images)
-    with pytest.raises(ValueError, match="longer than max_seq_len"):
+    with pytest.raises(ValueError, match="exceed max_seq_len = 128"):
         generate(model, torch.ones(1, 120, dtype=torch.long), 20)
+    with pytest.raises(ValueError, match="needs the KV cache"):
+        model(tokens[:, 3:], start_pos=3)
     with pytest.raises(ValueError, match="does not fit the KV cache"):
         model(tokens, cache=model.new_cache(2, 8))
