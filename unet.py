@@ -384,7 +384,10 @@ class UNet(nn.Module):
                              f"(config.cross_attention_dim), got {tuple(context.shape)}")
         if mmfs_features is not None and self.mmfs is None:
             raise ValueError("UNet: mmfs_features given but this UNet has no MMFS residuals (config.mmfs = False)")
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])          # (B,)
+        t = torch.as_tensor(t, device=x.device).reshape(-1)
+        if t.numel() not in (1, x.shape[0]):
+            raise ValueError(f"UNet: t must be a scalar or ({x.shape[0]},) timesteps, got {tuple(t.shape)}")
+        t = t.expand(x.shape[0])                                                           # (B,)
         temb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos,
                                                       c.freq_shift).to(x.dtype))         # (B, 4·C0)
         temb = F.silu(temb)  # every ResnetBlock reads silu(temb)
@@ -412,11 +415,14 @@ class UNet(nn.Module):
         folder = path / "unet" if (path / "unet").is_dir() else path
         config = UNetConfig.from_json(folder / "config.json", **overrides)
         state, _ = weights.load_state(folder)
+        # a diffusers checkpoint has no mmfs.* keys (fresh residuals are attached after the strict load); ours may
+        saved_mmfs = any(k.startswith("mmfs.") for k in state)
+        config = dataclasses.replace(config, mmfs=config.mmfs or saved_mmfs)
         with torch.device("meta"):
-            model = cls(dataclasses.replace(config, mmfs=False))  # the diffusers keys only: one strict load
+            model = cls(dataclasses.replace(config, mmfs=saved_mmfs))
         weights.load_into(model, state, str(folder), dtype)
         model.config = config
-        if config.mmfs:
+        if config.mmfs and not saved_mmfs:
             model.mmfs = MMFSNet(config).to(dtype or torch.float32)
         return model
 
@@ -490,5 +496,5 @@ class MMFSNet(nn.Module):
         if tuple(mask.shape) != (B, n):
             raise ValueError(f"UNet: mmfs_mask must be (B, n) = ({B}, {n}), got {tuple(mask.shape)}")
         value = torch.cat([rearrange(f, "b n c h w -> b n (h w) c") for f in features], dim=2)  # (B, n, ΣHW, C_img)
-        skips = [s + block(s, value, mask) for s, block in zip(skips, self.blocks)]
+        skips = [s + block(s, value, mask) for s, block in zip(skips, self.blocks[:-1], strict=True)]
         return mid + self.blocks[-1](mid, value, mask), skips

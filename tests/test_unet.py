@@ -8,9 +8,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mmfs
 import weights
 from unet import PRESETS, UNet, UNetConfig
 
@@ -66,8 +68,6 @@ def test_sd_directory_and_mmfs_zero_at_init(tmp_path):
     x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 24)
     features = [torch.randn(2, 1, 16, s, s) for s in (8, 4)]
     with torch.no_grad():
-        # with features first: a first msda call may compile the kernel and change torch's thread count
-        # (numba's thread pool), which changes float rounding of every later conv
         with_features = ours(x, 50, context, features, torch.ones(2, 1))
         plain = ours(x, 50, context)
         torch.testing.assert_close(plain, ref(x, 50, context).sample, rtol=1e-5, atol=1e-5)
@@ -95,10 +95,6 @@ def tiny_with_live_mmfs():
         for block in model.mmfs.blocks:
             block.zero_conv.weight.normal_(0, 0.5)
             block.zero_conv.bias.normal_(0, 0.1)
-        # warm-up: a first msda call may compile the kernel and change torch's thread count (hence conv rounding),
-        # so do it before any test compares two outputs bit for bit
-        x, context, features = inputs(1)
-        model(x, 0, context, features)
     return model
 
 
@@ -129,6 +125,56 @@ def test_mmfs_reads_only_visible_images(mask, slot):
     for b in range(2):
         assert torch.isfinite(after[b]).all()
         assert torch.equal(before[b], after[b]) != bool(mask[b, slot]), (b, mask[b].tolist(), slot)
+
+
+def test_reference_point_is_the_pixel_centre_in_xy():
+    """With zero offsets a pixel reads exactly its own place: changing one value pixel moves one output pixel."""
+    x, context, features = inputs(1)
+    block = LIVE.mmfs.blocks[0]
+    with torch.no_grad():
+        saved = block.attn.sampling_offsets.bias.clone()
+        block.attn.sampling_offsets.bias.zero_()                                       # loc = reference point
+        h = LIVE.conv_in(x)
+        value = torch.cat([f.flatten(3).transpose(2, 3) for f in features], dim=2)    # (B, 1, ΣHW, C)
+        changed = value.clone()
+        changed[:, :, 15] += 10.0                                                      # level 0 (16×16): row 0, col 15
+        r1, r2 = block(h, value, torch.ones(2, 1)), block(h, changed, torch.ones(2, 1))
+        block.attn.sampling_offsets.bias.copy_(saved)
+    expected = torch.zeros(2, 16, 16, dtype=torch.bool)
+    expected[:, 0, 15] = True
+    assert torch.equal((r1 != r2).any(1), expected)                                    # only that pixel moves
+
+
+def test_block_formula_and_bases():
+    """One block is zero_conv(MMFS(LN(x, eps 1e-6) + pos, LN(value))) at pixel centres; base = the map's size."""
+    x, context, features = inputs(1)
+    block, h = LIVE.mmfs.blocks[2], torch.randn(2, 32, 8, 8)
+    value = torch.cat([f.flatten(3).transpose(2, 3) for f in features], dim=2)        # (B, 1, ΣHW, C)
+    ys, xs = torch.meshgrid((torch.arange(8) + 0.5) / 8, (torch.arange(8) + 0.5) / 8, indexing="ij")
+    ref = torch.stack([xs, ys], -1).reshape(1, 64, 2)                                  # (1, 64, 2) as (x, y)
+    with torch.no_grad():
+        q = F.layer_norm(h.flatten(2).mT, (32,), block.query_norm.weight, block.query_norm.bias, 1e-6)
+        q = q + mmfs.pos_embed_2d(32, 16, 8, 8)
+        v = F.layer_norm(value, (value.shape[-1],), block.value_norm.weight, block.value_norm.bias, 1e-6)
+        expected = block.zero_conv(block.attn(q, ref, v, torch.ones(2, 1)).mT.reshape(2, 32, 8, 8))
+        torch.testing.assert_close(block(h, value, torch.ones(2, 1)), expected)
+    assert [b.attn.base for b in LIVE.mmfs.blocks] == [(16, 16)] * 2 + [(8, 8)] * 3
+    with torch.device("meta"):
+        paper = UNet(PRESETS["paper"])
+    assert [b.attn.base[0] for b in paper.mmfs.blocks] == [64] * 3 + [32] * 3 + [16] * 3 + [8] * 4
+
+
+def test_our_checkpoint_with_mmfs_round_trips(tmp_path):
+    """A UNet saved with its MMFS residuals loads back whole (diffusers checkpoints have none to load)."""
+    config = dataclasses.asdict(PRESETS["tiny"])
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items()}))
+    weights.save_state(LIVE.state_dict(), tmp_path / "diffusion_pytorch_model.safetensors")
+    loaded = UNet.from_pretrained(tmp_path).eval()
+    x, context, features = inputs(1)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 10, context, features), LIVE(x, 10, context, features))
+    with pytest.raises(ValueError, match="t must be a scalar or"):
+        loaded(x, torch.tensor([1, 2, 3]), context)
 
 
 def test_mmfs_residual_is_local_to_the_previous_image():
