@@ -151,9 +151,27 @@ def test_deformable_attention_reads_the_reference_cell(h, w, heads, points):
     value = torch.randn(2, h * w, 8, dtype=torch.float64)
     idx = torch.stack([torch.randint(0, w, (5,)), torch.randint(0, h, (5,))], -1)  # (x, y) cells
     ref = (idx.double() + 0.5) / torch.tensor([w, h], dtype=torch.float64)
-    out = attn(torch.randn(2, 5, 8, dtype=torch.float64), ref, value, [(h, w)])
+    query = torch.randn(2, 5, 8, dtype=torch.float64)
+    out = attn(query, ref, value, [(h, w)])
     expected = attn.output_proj(attn.value_proj(value[:, idx[:, 1] * w + idx[:, 0]]))
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    # an offset of one pixel in x (then in y) reads the next cell along that axis: offsets are (x, y) in pixels
+    for axis, (dx, dy) in enumerate(((1.0, 0.0), (0.0, 1.0))):
+        with torch.no_grad():
+            attn.sampling_offsets.bias.copy_(torch.tensor([dx, dy], dtype=torch.float64).repeat(heads * points))
+        ok = idx[:, axis] < (w, h)[axis] - 1                                            # the next cell exists
+        out = attn(query, ref, value, [(h, w)])[:, ok]
+        cell = (idx[ok, 1] + int(dy)) * w + idx[ok, 0] + int(dx)
+        expected = attn.output_proj(attn.value_proj(value[:, cell]))
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_centres_are_xy_row_major():
+    from vit import centres
+    got = centres([(2, 3), (1, 1)], "cpu", torch.float64)                               # (2·3 + 1, 2)
+    want = torch.tensor([[1 / 6, .25], [.5, .25], [5 / 6, .25], [1 / 6, .75], [.5, .75], [5 / 6, .75], [.5, .5]],
+                        dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
 
 
 def test_detr_init_of_the_sampling_offsets():
