@@ -574,7 +574,7 @@ def generate(model, prompt, max_new_tokens, stop_ids=(), inputs_embeds=None, ima
     are read by MMFS with the §3.4 visibility of `bos_id` / `boi_id`. Rows of one batch share the prompt length.
     `head` maps hidden states to logits (default the model's lm_head; e.g. a TextHead).
     """
-    head = head or model.lm_head
+    head = head if head is not None else model.lm_head
     B, T0 = prompt.shape
     if images is not None and (bos_id is None or boi_id is None):
         raise ValueError("generate: images need bos_id and boi_id for the visibility mask")

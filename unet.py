@@ -432,18 +432,18 @@ class UNet(nn.Module):
 
 
 @functools.lru_cache(maxsize=64)
-def _query_position(dim, grid, h, w):
-    """The fixed 2-D sin-cos position of an h×w map's pixels (B-independent, so cached) -> (h·w, dim)."""
+def _query_position(dim, grid, h, w, device, dtype):
+    """The fixed 2-D sin-cos position of an h×w map's pixels -> (h·w, dim), cached per device and dtype."""
     with torch.inference_mode(False):  # a cached tensor must stay usable outside inference mode
-        return pos_embed_2d(dim, grid, h, w)
+        return pos_embed_2d(dim, grid, h, w).to(device, dtype)
 
 
 @functools.lru_cache(maxsize=64)
-def _pixel_centres(h, w):
-    """Reference points ((j+0.5)/w, (i+0.5)/h) of every pixel, row-major -> (1, h·w, 2) as (x, y)."""
+def _pixel_centres(h, w, device):
+    """Reference points ((j+0.5)/w, (i+0.5)/h) of every pixel, row-major -> (1, h·w, 2) as (x, y), per device."""
     with torch.inference_mode(False):
         ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
-        return torch.stack([xs, ys], dim=-1).reshape(1, h * w, 2)                       # (1, h·w, 2)
+        return torch.stack([xs, ys], dim=-1).reshape(1, h * w, 2).to(device)             # (1, h·w, 2)
 
 
 class MMFSBlock(nn.Module):
@@ -463,9 +463,9 @@ class MMFSBlock(nn.Module):
 
     def forward(self, x, value, mask):
         B, C, H, W = x.shape
-        pos = _query_position(C, self.grid, H, W).to(x.device, x.dtype)                  # (H·W, C)
+        pos = _query_position(C, self.grid, H, W, x.device, x.dtype)                     # (H·W, C)
         q = self.query_norm(x.flatten(2).transpose(1, 2)) + pos                           # (B, H·W, C)
-        ref = _pixel_centres(H, W).to(x.device)  # (1, H·W, 2), float32 even for a half-precision UNet
+        ref = _pixel_centres(H, W, x.device)  # (1, H·W, 2), float32 even for a half-precision UNet
         out = self.attn(q, ref, self.value_norm(value), mask)                             # (B, H·W, C)
         return self.zero_conv(out.transpose(1, 2).reshape(B, C, H, W))                   # (B, C, H, W)
 

@@ -436,9 +436,12 @@ class InteractionBlock(nn.Module):
 
 
 @lru_cache(maxsize=16)
-def _pyramid_pos(dim, grid, size):
-    """(dim, size, size): the grid×grid sincos table bicubic-resized to the level (reference §4.3), cached on CPU."""
-    return mmfs.pos_embed_2d(dim, grid, size, size).T.reshape(dim, size, size).contiguous()
+def _pyramid_pos(dim, grid, size, device, dtype):
+    """(dim, size, size): the grid×grid sincos table bicubic-resized to the level (reference §4.3), cached per device
+    and dtype so a GPU forward does not copy it from the host every time."""
+    with torch.inference_mode(False):  # a cached tensor must stay usable outside inference mode
+        table = mmfs.pos_embed_2d(dim, grid, size, size).T.reshape(dim, size, size)      # (dim, size, size)
+        return table.to(device, dtype).contiguous()
 
 
 class ViTAdapter(ViT):
@@ -516,5 +519,5 @@ class ViTAdapter(ViT):
         for level, xi in zip((c1, c2, c3, c4), outs):  # add the ViT map of the matching depth, resized to the level
             s = level.shape[-1]
             xi = xi if s == g else F.interpolate(xi, size=(s, s), mode="bilinear", align_corners=False)
-            pyramid.append(level + xi + _pyramid_pos(D, g, s).to(level.device, level.dtype))
+            pyramid.append(level + xi + _pyramid_pos(D, g, s, level.device, level.dtype))
         return torch.cat([cls, x], dim=1), pyramid
