@@ -49,10 +49,12 @@ def test_scaling_factor_from_config(saved):
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(ours.decode_latents(z), (ours.decode(z / 0.25) / 2 + 0.5).clamp(0, 1))
-        mean, logvar = ours.encode(x)
-        sample = ours.encode_latents(x, torch.Generator().manual_seed(0))
-        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(sample, (mean + (0.5 * logvar).exp() * noise) * 0.25)
+    # a posterior sample times the scaling factor, as the authors feed the UNet: same draw as diffusers' sample()
+    ours64, x64 = VAE.from_pretrained(root, dtype=torch.float64), x.double()
+    with torch.no_grad():
+        sample = ours64.encode_latents(x64, torch.Generator().manual_seed(0))
+        want = ref.encode(x64).latent_dist.sample(generator=torch.Generator().manual_seed(0)) * 0.25
+        torch.testing.assert_close(sample, want, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", PRESETS)
