@@ -212,20 +212,13 @@ class Resampler(nn.Module):
         cfg = replace(_config(path, state), **overrides)
         with torch.device("meta"):
             model = cls(cfg)
-        for k, v in model.state_dict().items():  # our extras, when the checkpoint does not have them
+        fresh = None  # our extras the checkpoint lacks take the module's own init (one place defines it)
+        for k in model.state_dict():
             if k not in state and (k in ("query_tokens", "proj.weight", "proj.bias") or ".q_norm." in k
                                    or ".k_norm." in k):
-                state[k] = _fresh(k, v.shape, cfg)
+                fresh = fresh if fresh is not None else cls(cfg).state_dict()
+                state[k] = fresh[k]
         return weights.load_into(model, state, str(path), dtype)
-
-
-def _fresh(key, shape, cfg):
-    """Initial value of one of our extra parameters (matches `Resampler.reset_parameters`)."""
-    if key == "query_tokens":
-        return torch.randn(shape) * cfg.initializer_range
-    if key == "proj.weight":
-        return torch.randn(shape) * cfg.proj_init_std
-    return torch.ones(shape) if key.endswith("norm.weight") else torch.zeros(shape)
 
 
 def _config(path, state):
