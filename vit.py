@@ -422,7 +422,7 @@ class InteractionBlock(nn.Module):
         super().__init__()
         self.injector = Injector(cfg, heads)
         self.extractor = Extractor(cfg, heads)
-        self.extra_extractors = nn.ModuleList(Extractor(cfg, heads) for _ in range(n_extra)) if n_extra else None
+        self.extra_extractors = nn.ModuleList(Extractor(cfg, heads) for _ in range(n_extra))  # empty: no keys
 
     def forward(self, x, c, cls, layers, geo):
         x = self.injector(x, c, geo["x_ref"], geo["c_shapes"])
@@ -430,7 +430,7 @@ class InteractionBlock(nn.Module):
         for layer in layers:
             h = layer(h)
         cls, x = h[:, :1], h[:, 1:]
-        for ex in [self.extractor, *(self.extra_extractors or [])]:
+        for ex in [self.extractor, *self.extra_extractors]:
             c = ex(c, x, geo["c_ref"], geo["x_shape"], geo["c_shapes"])
         return x, c, cls
 

@@ -88,7 +88,7 @@ def test_paper_preset_geometry():
         m = ViTAdapter(cfg)
     assert m.adapter_interactions[0].injector.attn.value_proj.out_features == 512  # deform_ratio 0.5
     assert m.adapter_interactions[0].extractor.ffn.fc1.out_features == 256  # cffn_ratio 0.25
-    assert len(m.adapter_interactions[3].extra_extractors) == 2 and m.adapter_interactions[2].extra_extractors is None
+    assert len(m.adapter_interactions[3].extra_extractors) == 2 and len(m.adapter_interactions[2].extra_extractors) == 0
 
 
 def test_adapter_with_zero_gains_is_the_plain_vit(tmp_path):
