@@ -7,7 +7,8 @@ Read top-down:
   4. the deterministic detector that reads any frame back into objects;
   5. scoring helpers for eval.py (captions, text-to-image, continuation consistency);
   6. the JSONL document format for real data (reader with line-numbered errors, writer);
-  7. a small CLI: `python data.py --preview grid.png`, `python data.py --write-jsonl out/stories.jsonl`.
+  7. tokenisation with image placeholders, packing into fixed-length rows, collation, batch streams;
+  8. a small CLI: `python data.py --preview grid.png`, `python data.py --write-jsonl out/stories.jsonl`.
 
 A *document* is a list of segments in reading order, each `{"text": str}` or `{"image": uint8 (H, W, 3)}`;
 `Story.segments()` and `read_jsonl` both produce this form, which the tokeniser/packer consumes.
@@ -604,7 +605,143 @@ def write_jsonl(documents, path, image_dir="images"):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 7. CLI
+# 7. Tokenisation, packing and collation (reference §6.2)
+#
+# A document becomes `<s>` + its segments + `</s>`: text through sentencepiece (each segment with its own leading
+# space, i.e. sentences joined by spaces), each image as `<BoI>` + K `<image>` placeholders. Rows of `seq_len` ids
+# hold several documents back to back; self-attention runs across them, MMFS and the image contexts stop at `<s>`.
+# A batch is a pure function of (seed, step): `--resume` gets the next batch of the interrupted run for free.
+
+def tokenize_document(doc, tokenizer, k):
+    """Segments -> (ids, images): `<s>`, text pieces and `<BoI>` + k `<image>` per image in order, `</s>`."""
+    ids, images = [tokenizer.bos_id], []
+    for seg in doc:
+        if "image" in seg:
+            ids += tokenizer.image_tokens(k)
+            images.append(seg["image"])
+        else:
+            ids += tokenizer.encode(seg["text"].strip(), bos=False)
+    return ids + [tokenizer.eos_id], images
+
+
+def split_document(ids, images, seq_len, boi_id, k):
+    """Cut a document longer than seq_len into chunks of <= seq_len ids, never inside an image's placeholder run
+    (the cut moves back before its `<BoI>`, as the authors' "image" level); later chunks carry no `<s>`."""
+    if k + 1 > seq_len:
+        raise ValueError(f"seq_len = {seq_len} cannot hold one image (<BoI> + {k} placeholders)")
+    chunks, pos, img = [], 0, 0
+    while pos < len(ids):
+        end = min(pos + seq_len, len(ids))
+        if end < len(ids):
+            for b in range(max(pos, end - k), end):  # a <BoI> whose run [b, b + k] crosses the cut
+                if ids[b] == boi_id and b + k >= end:
+                    end = b
+                    break
+            if end == pos:  # cannot happen with seq_len > k, but never loop forever
+                raise ValueError("split_document: no progress")
+        n_img = ids[pos:end].count(boi_id)
+        chunks.append((ids[pos:end], images[img:img + n_img]))
+        pos, img = end, img + n_img
+    return chunks
+
+
+def pack(docs, seq_len, max_images, boi_id, k):
+    """Greedy packing of tokenised (ids, images) documents into rows [(ids, images)] of <= seq_len ids and
+    <= max_images images; a document that does not fit the current row starts the next one."""
+    rows, cur, cur_imgs = [], [], []
+    for ids, images in docs:
+        for c_ids, c_imgs in split_document(ids, images, seq_len, boi_id, k):
+            if len(c_imgs) > max_images:
+                raise ValueError(f"a document chunk holds {len(c_imgs)} images, more than the model's "
+                                 f"{max_images} per sequence")
+            if cur and (len(cur) + len(c_ids) > seq_len or len(cur_imgs) + len(c_imgs) > max_images):
+                rows.append((cur, cur_imgs))
+                cur, cur_imgs = [], []
+            cur, cur_imgs = cur + c_ids, cur_imgs + c_imgs
+    if cur:
+        rows.append((cur, cur_imgs))
+    return rows
+
+
+def image_tensor(image, size):
+    """uint8 (H, W, 3) -> float (3, size, size) in [0, 1]: centre crop to a square, then a bicubic resize."""
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return to_tensor(image)
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    im = Image.fromarray(np.ascontiguousarray(image[top:top + s, left:left + s]))
+    return to_tensor(np.array(im.resize((size, size), Image.BICUBIC)))
+
+
+def collate(rows, pad_id, size):
+    """Rows [(ids, images)] -> dict(tokens (B, L) right-padded with pad_id, images (ΣI, 3, size, size),
+    images_per_row [B]); L is the longest row, so short batches cost less."""
+    L = max(len(ids) for ids, _ in rows)
+    tokens = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    for b, (ids, _) in enumerate(rows):
+        tokens[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    imgs = [image_tensor(im, size) for _, images in rows for im in images]
+    images = torch.stack(imgs) if imgs else torch.zeros(0, 3, size, size)
+    return dict(tokens=tokens, images=images, images_per_row=[len(images) for _, images in rows])
+
+
+class StoryBatches:
+    """Training batches of packed ShapeStories: row j of step s packs stories (s·B + j)·R, +1, ... until the next
+    one would not fit (it is skipped), so every batch is a pure function of (seed, step), independent of history."""
+
+    def __init__(self, tokenizer, k, seq_len, batch_size, max_images, seed=0, size=32):
+        self.stories = ShapeStories("train", seed, size)
+        self.tok, self.k, self.seq_len, self.B, self.max_images, self.size = (tokenizer, k, seq_len, batch_size,
+                                                                              max_images, size)
+        self.R = max(1, seq_len // (1 + 2 * (k + 1) + 2 * 6 + 1))  # stories tried per row: >= the most that fit
+
+    def row(self, index):
+        ids, images = [], []
+        for i in range(index * self.R, (index + 1) * self.R):
+            d_ids, d_imgs = tokenize_document(self.stories[i].segments(), self.tok, self.k)
+            if len(ids) + len(d_ids) > self.seq_len or len(images) + len(d_imgs) > self.max_images:
+                if not ids:
+                    raise ValueError(f"story {i} ({len(d_ids)} ids, {len(d_imgs)} images) does not fit a row of "
+                                     f"seq_len = {self.seq_len} and max_images = {self.max_images}")
+                break
+            ids, images = ids + d_ids, images + d_imgs
+        return ids, images
+
+    def batch(self, step, rank=0, world=1):
+        """This rank's share (rows rank, rank + world, ...) of the global batch of `step`, collated."""
+        rows = [self.row(step * self.B + j) for j in range(rank, self.B, world)]
+        return collate(rows, self.tok.pad_id, self.size)
+
+
+class DocumentBatches:
+    """Training batches from a JSONL corpus: packed once, then each epoch visits the rows in a seeded order."""
+
+    def __init__(self, path, tokenizer, k, seq_len, batch_size, max_images, seed=0, size=32):
+        docs = [tokenize_document(d, tokenizer, k) for d in read_jsonl(path)]
+        if not docs:
+            raise ValueError(f"{path}: no documents")
+        self.rows = pack(docs, seq_len, max_images, tokenizer.boi_id, k)
+        self.tok, self.B, self.seed, self.size = tokenizer, batch_size, seed, size
+
+    def batch(self, step, rank=0, world=1):
+        n = len(self.rows)
+        picks = []
+        for j in range(rank, self.B, world):
+            g = step * self.B + j
+            epoch, i = divmod(g, n)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            picks.append(self.rows[order[i]])
+        return collate(picks, self.tok.pad_id, self.size)
+
+
+def story_corpus(n=2000, seed=0, size=32):
+    """Sentences of the first n training stories: the text the --small tokenizer is trained on."""
+    return [t for i in range(n) for t in make_story("train", seed, i, size).sentences]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. CLI
 
 def preview(stories, path, zoom=4):
     """Save a grid: one row per story (its frames), its sentences under it."""

@@ -69,6 +69,7 @@ class UNetConfig:
     mmfs_offset_init: float = 1.0  # initial offsets ~ U(±1) UNet pixels
     mmfs_max_images: int = 10
     mmfs_pos_grid: int = 64  # the query position table is a grid×grid sin-cos table resized to each map
+    mmfs_max_side: int = 0  # residuals only on maps of side <= this at sample_size (0: on all, as the paper)
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -134,7 +135,8 @@ PRESETS = {  # the MMFS pyramids are vit.PRESETS' (16/8/4/2 levels of 32 channel
                         layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), attention_head_dim=4,
                         cross_attention_dim=128, mmfs=True, mmfs_dim=64, mmfs_value_dim=128,
-                        mmfs_levels=(16, 8, 4, 2), mmfs_heads=4, mmfs_points=4, mmfs_pos_grid=32),
+                        mmfs_levels=(16, 8, 4, 2), mmfs_heads=4, mmfs_points=4, mmfs_pos_grid=32,
+                        mmfs_max_side=16),  # the two 32x32 residuals would cost 3/4 of MMFS's time
     "paper": UNetConfig(mmfs=True),  # SD 2.1-base
 }
 
@@ -371,11 +373,12 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
         self.mmfs = MMFSNet(c) if c.mmfs else None
 
-    def forward(self, x, t, context, mmfs_features=None, mmfs_mask=None):
+    def forward(self, x, t, context, mmfs_features=None, mmfs_mask=None, temb_extra=None):
         """x (B, in_channels, H, W), t scalar or (B,), context (B, T, cross_attention_dim) -> (B, out_channels, H, W).
 
         mmfs_features: the previous image's pyramid, a list of (B, n, mmfs_value_dim, S_l, S_l) per level;
-        mmfs_mask (B, n), 1 = that image exists (default: all). Without them the plain UNet runs."""
+        mmfs_mask (B, n), 1 = that image exists (default: all). Without them the plain UNet runs.
+        temb_extra (B, 4·C0) is added to the time embedding (a global condition, as diffusers' class embeddings)."""
         c = self.config
         if x.dim() != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"UNet: x must be (B, {c.in_channels}, H, W) (config.in_channels), got {tuple(x.shape)}")
@@ -390,6 +393,8 @@ class UNet(nn.Module):
         t = t.expand(x.shape[0])                                                           # (B,)
         temb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos,
                                                       c.freq_shift).to(x.dtype))         # (B, 4·C0)
+        if temb_extra is not None:
+            temb = temb + temb_extra
         temb = F.silu(temb)  # every ResnetBlock reads silu(temb)
 
         h = self.conv_in(x)
@@ -480,8 +485,11 @@ class MMFSNet(nn.Module):
         for i, dim in enumerate(c.block_out_channels):
             layout += [(dim, i)] * c.layers_per_block + ([(dim, i + 1)] if i < len(c.block_out_channels) - 1 else [])
         layout.append((c.block_out_channels[-1], len(c.block_out_channels) - 1))
-        # base = the map's side at the trained resolution, so a raw offset of 1 is one pixel of that map
-        self.blocks = nn.ModuleList([MMFSBlock(dim, max(c.sample_size >> k, 1), c) for dim, k in layout])
+        # base = the map's side at the trained resolution, so a raw offset of 1 is one pixel of that map;
+        # maps larger than mmfs_max_side get an Identity placeholder (no residual), so block indices stay put
+        sides = [max(c.sample_size >> k, 1) for _, k in layout]
+        self.blocks = nn.ModuleList([MMFSBlock(dim, s, c) if not c.mmfs_max_side or s <= c.mmfs_max_side
+                                     else nn.Identity() for (dim, _), s in zip(layout, sides)])
         self.levels, self.value_dim = c.mmfs_levels, c.mmfs_value_dim
 
     def forward(self, mid, skips, features, mask=None):
@@ -496,5 +504,6 @@ class MMFSNet(nn.Module):
         if tuple(mask.shape) != (B, n):
             raise ValueError(f"UNet: mmfs_mask must be (B, n) = ({B}, {n}), got {tuple(mask.shape)}")
         value = torch.cat([rearrange(f, "b n c h w -> b n (h w) c") for f in features], dim=2)  # (B, n, ΣHW, C_img)
-        skips = [s + block(s, value, mask) for s, block in zip(skips, self.blocks[:-1], strict=True)]
+        skips = [s if isinstance(block, nn.Identity) else s + block(s, value, mask)
+                 for s, block in zip(skips, self.blocks[:-1], strict=True)]
         return mid + self.blocks[-1](mid, value, mask), skips

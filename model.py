@@ -1,0 +1,481 @@
+"""MMInterleaved: the whole model (paper §3, Fig. 2; reference §6.1) wired from the component files.
+
+Read top-down: the config and its presets, then `MMInterleaved` in the order data flows through it:
+  1. images -> ViT(+adapter) -> tokens and a feature pyramid -> neck + resampler -> K visual tokens per image;
+  2. token ids -> embeddings with the visual tokens scattered into the `<image>` slots -> LLaMA with MMFS reading
+     the pyramids of the images each token may see (§3.4) -> final-normed hidden states h;
+  3. text: h -> text head -> next-token cross-entropy with the §3.5 label mask;
+  4. images: per image, h from its segment's `<s>` to its `<BoI>`, reversed, projected, + 1-D sin-cos (§5.1) ->
+     decoder resampler -> the UNet's condition tokens; the UNet's MMFS residuals read the previous image of the same
+     segment (§5.3); diffusion MSE, none for an image that opens its segment (§5.4); CFG dropout to a learned
+     negative condition;
+  5. generation helpers for sample.py / eval.py: `generate_text` (KV cache, stops at `</s>` or `<BoI>`) and
+     `generate_images` (one LLM pass, then the diffusion sampler with classifier-free guidance).
+
+A batch (data.collate) is: `tokens` (B, L) right-padded with the pad id, `images` (ΣI, 3, S, S) in [0, 1] in
+row-major order of their `<BoI>`s, `images_per_row` (B,). Every other index (segment starts, the previous image,
+visibility) is derived from the token ids, so a hand-built sequence needs no extra bookkeeping.
+"""
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import diffusion
+import llm as llm_lib
+import resampler as resampler_lib
+import unet as unet_lib
+import vae as vae_lib
+import vit as vit_lib
+import weights
+from mmfs import sincos_1d, sincos_2d
+
+# ----------------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class MMConfig:
+    vit: vit_lib.ViTConfig = field(default_factory=vit_lib.ViTConfig)
+    resampler: resampler_lib.ResamplerConfig = field(default_factory=resampler_lib.ResamplerConfig)
+    llm: llm_lib.LLaMAConfig = field(default_factory=llm_lib.LLaMAConfig)
+    decoder: resampler_lib.ResamplerConfig = field(default_factory=lambda: resampler_lib.PRESETS["paper_decoder"])
+    unet: unet_lib.UNetConfig = field(default_factory=lambda: unet_lib.PRESETS["paper"])
+    vae: vae_lib.VAEConfig | None = field(default_factory=vae_lib.VAEConfig)  # None: diffuse in pixel space
+    schedule: diffusion.Schedule = field(default_factory=diffusion.Schedule)
+    image_size: int = 512  # the decoder's image side in pixels (the ViT resizes to its own vit.image_size)
+    loss_txt_weight: float = 1.0
+    loss_img_weight: float = 10.0
+    uncond_prob: float = 0.1  # CFG training dropout: the condition becomes the learned negative (§5.1 step 4)
+    min_snr_gamma: float = 0.0  # > 0: min-SNR-γ loss weights (Hang et al. 2023); the authors use none (0)
+    pooled_condition: bool = False  # also add the mean condition token to the UNet's time embedding (small recipe)
+    freeze_pretrained: bool = True  # paper: freeze CLIP, the LLM (not its MMFS blocks) and the VAE, as the authors
+    # special ids of the tokenizer (the paper's are Vicuna's); <BoI> and <image> are the last two ids, llm.vocab_size-2/-1
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = 31999
+
+    @property
+    def num_image_tokens(self):
+        return self.resampler.num_queries
+
+    @property
+    def ids(self):
+        v = self.llm.vocab_size
+        return dict(bos=self.bos_id, eos=self.eos_id, pad=self.pad_id, boi=v - 2, image=v - 1)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        parts = {"vit": vit_lib.ViTConfig, "resampler": resampler_lib.ResamplerConfig, "llm": llm_lib.LLaMAConfig,
+                 "decoder": resampler_lib.ResamplerConfig, "unet": unet_lib.UNetConfig, "vae": vae_lib.VAEConfig,
+                 "schedule": diffusion.Schedule}
+        kw = dict(d)
+        for name, kind in parts.items():
+            if kw.get(name) is not None:
+                kw[name] = kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw[name].items()})
+        return cls(**kw)
+
+
+def preset(name, **overrides):
+    """A fresh MMConfig for "tiny" (tests), "small" (train.py --small) or "paper" (the released sizes)."""
+    r = resampler_lib.PRESETS
+    if name == "paper":
+        cfg = MMConfig()
+    elif name in ("tiny", "small"):
+        cfg = MMConfig(vit=vit_lib.PRESETS[name], resampler=r[name], llm=llm_lib.PRESETS[name],
+                       decoder=r[f"{name}_decoder"], unet=unet_lib.PRESETS[name], vae=None,
+                       schedule=diffusion.PRESETS[name], image_size=unet_lib.PRESETS[name].sample_size,
+                       min_snr_gamma=5.0, pooled_condition=True, freeze_pretrained=False, pad_id=3)
+        if name == "tiny":  # a 5-frame story with a byte-level tiny tokenizer needs ~200 positions
+            cfg.llm = dataclasses.replace(cfg.llm, max_seq_len=384)
+            cfg.unet = dataclasses.replace(cfg.unet, in_channels=3, out_channels=3, sample_size=32)
+            cfg.image_size = 32  # ShapeStories' smallest frames
+        # widths follow the parts they connect: the pyramid has the ViT's width
+        cfg.llm = dataclasses.replace(cfg.llm, image_dim=cfg.vit.hidden_size)
+        cfg.unet = dataclasses.replace(cfg.unet, mmfs_value_dim=cfg.vit.hidden_size)
+        cfg.resampler = dataclasses.replace(cfg.resampler, encoder_hidden_size=cfg.vit.hidden_size,
+                                            output_size=cfg.llm.dim, hidden_dropout_prob=0.0,
+                                            attention_probs_dropout_prob=0.0)  # from scratch, short runs: no dropout
+        cfg.decoder = dataclasses.replace(cfg.decoder, encoder_hidden_size=cfg.llm.dim,
+                                          hidden_size=cfg.unet.cross_attention_dim)
+    else:
+        raise ValueError(f"unknown preset {name!r}: choose tiny, small or paper")
+    return copy_config(dataclasses.replace(cfg, **overrides))
+
+
+def copy_config(cfg):
+    """A deep copy, so editing a preset's sub-config never edits the PRESETS tables."""
+    return MMConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+
+
+def without_mmfs(cfg):
+    """The --no-mmfs ablation: no MMFS blocks in the LLM, no MMFS residuals in the UNet."""
+    cfg = copy_config(cfg)
+    cfg.llm.mmfs_every, cfg.unet.mmfs = 0, False
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
+
+
+class Neck(nn.Module):
+    """Reference §4.3: post_ln(pos_ln(pos_proj(ViT tokens)) + fixed 2-D sin-cos with a zero CLS row)."""
+
+    def __init__(self, dim, grid):
+        super().__init__()
+        self.pos_proj = nn.Linear(dim, dim)
+        self.pos_ln = nn.LayerNorm(dim, eps=1e-6)
+        self.post_ln = nn.LayerNorm(dim, eps=1e-6)
+        self.dim, self.grid = dim, grid
+        self.register_buffer("pos_embed", self.table(), persistent=False)
+
+    def table(self):
+        return torch.cat([torch.zeros(1, self.dim), sincos_2d(self.dim, self.grid, self.grid)])  # (1+g², dim)
+
+    def forward(self, tokens):
+        return self.post_ln(self.pos_ln(self.pos_proj(tokens)) + self.pos_embed.to(tokens.dtype))  # (n, 1+g², D)
+
+
+class MMInterleaved(nn.Module):
+    """Paper Fig. 2: ViT(+adapter) -> resampler -> LLaMA with MMFS -> text head; per image, its context -> decoder
+    resampler -> UNet with MMFS residuals on the previous image. `forward` returns the training losses."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg
+        if c.resampler.output_size != c.llm.dim or c.decoder.encoder_hidden_size != c.llm.dim:
+            raise ValueError(f"MMConfig: resampler.output_size ({c.resampler.output_size}) and decoder."
+                             f"encoder_hidden_size ({c.decoder.encoder_hidden_size}) must equal llm.dim ({c.llm.dim})")
+        if c.decoder.hidden_size != c.unet.cross_attention_dim:
+            raise ValueError(f"MMConfig: decoder.hidden_size ({c.decoder.hidden_size}) must equal "
+                             f"unet.cross_attention_dim ({c.unet.cross_attention_dim})")
+        self.vit = vit_lib.ViTAdapter(c.vit)
+        self.neck = Neck(c.vit.hidden_size, c.vit.grid)
+        self.resampler = resampler_lib.Resampler(c.resampler)
+        self.llm = llm_lib.LLaMA(c.llm)
+        self.soi_token = nn.Parameter(torch.zeros(c.llm.dim))  # added to every <BoI> embedding; 0 at init (§3.2)
+        # a frozen pretrained LLM keeps its lm_head and learns only the 2 new logits (§3.3); from scratch, it learns all
+        self.text_head = llm_lib.TextHead(c.llm.dim, c.llm.vocab_size) if c.freeze_pretrained else None
+        self.context_feat_proj = nn.Linear(c.llm.dim, c.llm.dim)  # PyTorch default init, as the authors
+        self.register_buffer("context_pos", sincos_1d(c.llm.dim, c.llm.max_seq_len), persistent=False)
+        self.decoder = resampler_lib.Resampler(c.decoder)
+        # the learned negative condition for CFG; the authors start from CLIP-text(""), we start from 0
+        self.neg_prompt_embeds = nn.Parameter(torch.zeros(1, c.decoder.num_queries, c.decoder.hidden_size))
+        self.unet = unet_lib.UNet(c.unet)
+        # small recipe: the mean condition token, projected, joins the time embedding (a global, easy-to-use signal)
+        temb = 4 * c.unet.block_out_channels[0]
+        self.pooled_proj = nn.Linear(c.decoder.hidden_size, temb) if c.pooled_condition else None
+        if self.pooled_proj is not None:
+            nn.init.zeros_(self.pooled_proj.weight)  # 0 at init: the UNet starts as the plain UNet
+            nn.init.zeros_(self.pooled_proj.bias)
+        self.vae = vae_lib.VAE(c.vae) if c.vae is not None else None
+        if self.text_head is not None and not self.llm.lm_head.weight.is_meta:
+            self.text_head.init_from(self.llm.lm_head)
+        self.apply_freezing()
+
+    def init_buffers(self):
+        """Recompute the derived (non-persistent) tables, e.g. after building on the meta device and loading."""
+        dev = self.soi_token.device
+        with torch.device(dev):
+            self.neck.pos_embed = self.neck.table()
+            self.context_pos = sincos_1d(self.cfg.llm.dim, self.cfg.llm.max_seq_len)
+        self.llm._init_buffers()
+
+    def apply_freezing(self):
+        """Paper preset: train the adapter, resamplers, MMFS blocks, new-token head and the image decoder (§7.2)."""
+        if not self.cfg.freeze_pretrained:
+            return
+        for name, p in self.vit.named_parameters():
+            p.requires_grad_(name.startswith("adapter_"))
+        for name, p in self.llm.named_parameters():
+            p.requires_grad_(".llama_cross_attn." in name)
+        if self.vae is not None:
+            self.vae.requires_grad_(False)
+        self.text_head.head.requires_grad_(False)
+
+    # ---------------------------------------------------------------------------------------------- encoding
+
+    def encode_images(self, images):
+        """[0, 1] images (n, 3, S, S) -> visual tokens (n, K, llm.dim) and the pyramid, a list of (n, C, s, s)."""
+        size = self.cfg.vit.image_size
+        if images.shape[-1] != size or images.shape[-2] != size:
+            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+        tokens, pyramid = self.vit(images)                                                 # (n, 1+N, D), [...]
+        return self.resampler(self.neck(tokens)), pyramid
+
+    def _pyramid_levels(self, pyramid, sizes):
+        """The pyramid maps whose side is in `sizes`, in that order (the LLM reads 3 of the 4 levels, §0)."""
+        by_size = {p.shape[-1]: p for p in pyramid}
+        missing = [s for s in sizes if s not in by_size]
+        if missing:
+            raise ValueError(f"MMInterleaved: MMFS wants pyramid levels {list(sizes)}, the ViT gives "
+                             f"{sorted(by_size, reverse=True)}")
+        return [by_size[s] for s in sizes]
+
+    def llm_inputs(self, tokens, visual, pyramid, images_per_row):
+        """Embeddings with visual tokens inserted, the per-row MMFS values (B, n_max, Σs², C) and visibility."""
+        c = self.cfg.llm
+        tok = self.tokenizer_ids
+        embeds = self.llm.model.embed_tokens(tokens)                                       # (B, T, dim)
+        if visual is None:
+            visual = embeds.new_zeros(0, self.cfg.num_image_tokens, c.dim)
+        embeds = llm_lib.insert_visual_tokens(embeds, tokens, visual, tok["image"], tok["boi"], self.soi_token)
+        if c.mmfs_every == 0 or visual.shape[0] == 0:
+            return embeds, None, None
+        B, n_max = tokens.shape[0], max(int(max(images_per_row)), 1)
+        levels = self._pyramid_levels(pyramid, c.mmfs_levels)
+        flat = torch.cat([lv.flatten(2).transpose(1, 2) for lv in levels], dim=1)          # (ΣI, Σs², C)
+        values = flat.new_zeros(B, n_max, *flat.shape[1:])                                 # (B, n_max, Σs², C)
+        rows = torch.repeat_interleave(torch.arange(B), torch.as_tensor(images_per_row))    # (ΣI,)
+        slot = torch.cat([torch.arange(int(k)) for k in images_per_row]).long()             # (ΣI,)
+        values[rows, slot] = flat
+        mask = llm_lib.image_visibility(tokens, tok["bos"], tok["boi"], n_max, images_per_row)  # (B, T, n_max)
+        return embeds, values, mask
+
+    @property
+    def tokenizer_ids(self):
+        return self.cfg.ids
+
+    def logits(self, h):
+        return self.text_head(h) if self.text_head is not None else self.llm.lm_head(h)
+
+    # ---------------------------------------------------------------------------------------------- bookkeeping
+
+    def image_index(self, tokens, images_per_row):
+        """Per image (row-major): row, <BoI> position, segment start (its last <s>, else 0), previous image of the
+        same segment (-1 if none). Only the first images_per_row[b] <BoI>s of row b are images."""
+        ids = self.tokenizer_ids
+        B, T = tokens.shape
+        pos = torch.arange(T, device=tokens.device)
+        seg = torch.where(tokens == ids["bos"], pos, 0).cummax(1).values                     # (B, T): last <s> or 0
+        is_boi = tokens == ids["boi"]
+        rank = is_boi.long().cumsum(1) - 1
+        limit = torch.as_tensor(images_per_row, device=tokens.device)[:, None]
+        rows, cols = (is_boi & (rank < limit)).nonzero(as_tuple=True)                      # row-major order
+        if rows.numel() != int(sum(images_per_row)):
+            raise ValueError(f"MMInterleaved: images_per_row {list(map(int, images_per_row))} but the rows hold "
+                             f"{is_boi.sum(1).tolist()} <BoI> tokens")
+        start = seg[rows, cols]                                                            # (ΣI,)
+        prev = torch.arange(rows.numel(), device=tokens.device) - 1                        # (ΣI,)
+        same = (prev >= 0) & (rows[prev.clamp(min=0)] == rows) & (cols[prev.clamp(min=0)] >= start)
+        return rows, cols, start, torch.where(same, prev, -1)
+
+    def text_labels(self, tokens):
+        """Reference §3.5: targets tokens[:, 1:], ignored (-100) at pad, <image>, <s> and <s> -> <BoI>."""
+        ids = self.tokenizer_ids
+        inp, tgt = tokens[:, :-1], tokens[:, 1:].clone()
+        ignore = (tgt == ids["pad"]) | (tgt == ids["image"]) | (tgt == ids["bos"])
+        ignore |= (inp == ids["bos"]) & (tgt == ids["boi"])
+        return tgt.masked_fill(ignore, -100)                                               # (B, T-1)
+
+    def image_condition(self, h, rows, cols, start):
+        """§5.1: h[row, start..<BoI>] reversed, projected, + 1-D sin-cos -> decoder -> (ΣI, Q, ctx) and lengths."""
+        lengths = cols - start + 1                                                         # (ΣI,)
+        L = int(lengths.max())
+        j = torch.arange(L, device=h.device)
+        idx = (cols[:, None] - j[None, :]).clamp(min=0)                                    # (ΣI, L): reversed
+        valid = j[None, :] < lengths[:, None]                                              # (ΣI, L)
+        ctx = h[rows[:, None], idx] * valid[..., None]                                     # (ΣI, L, dim)
+        ctx = self.context_feat_proj(ctx) + self.context_pos[:L].to(ctx.dtype)            # padded rows get it too
+        return self.decoder(ctx, valid.to(ctx.dtype)), lengths
+
+    def unet_forward(self, x, t, cond, mmfs_features=None, mmfs_mask=None):
+        extra = None
+        if self.pooled_proj is not None:
+            extra = self.pooled_proj(cond.mean(1))                                         # (B, 4·C0)
+        return self.unet(x, t, cond, mmfs_features, mmfs_mask, temb_extra=extra)
+
+    def previous_features(self, pyramid, prev):
+        """The UNet MMFS input of each image: the previous image's pyramid levels (n, 1, C, s, s) and mask (n, 1);
+        prev[i] indexes the pyramid, -1 = no previous image (zero features, masked)."""
+        u = self.cfg.unet
+        if not u.mmfs:
+            return None, None
+        has = prev >= 0
+        if not pyramid:  # no image at all (text-to-image from text alone)
+            z = self.soi_token.new_zeros(prev.shape[0], 1, u.mmfs_value_dim)
+            return [z[..., None, None].expand(-1, -1, -1, s, s) for s in u.mmfs_levels], has[:, None].to(z.dtype)
+        levels = self._pyramid_levels(pyramid, u.mmfs_levels)
+        feats = [(lv[prev.clamp(min=0)] * has[:, None, None, None].to(lv.dtype))[:, None] for lv in levels]
+        return feats, has[:, None].to(levels[0].dtype)
+
+    def to_diffusion_space(self, images):
+        """[0, 1] images -> what the UNet denoises: [-1, 1] pixels, or VAE latents (posterior sample · 0.18215)."""
+        size = self.cfg.image_size
+        if images.shape[-1] != size or images.shape[-2] != size:
+            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+        x = images * 2 - 1
+        if self.vae is None:
+            return x
+        with torch.no_grad():
+            return self.vae.encode_latents(x.to(next(self.vae.parameters()).dtype)).to(images.dtype)
+
+    def from_diffusion_space(self, x):
+        if self.vae is None:
+            return ((x + 1) / 2).clamp(0, 1)
+        return self.vae.decode_latents(x.to(next(self.vae.parameters()).dtype)).float()
+
+    # ---------------------------------------------------------------------------------------------- training
+
+    def hidden_states(self, tokens, images, images_per_row):
+        """Steps 1-2: the LLM's final-normed states (B, T, dim) over the interleaved sequence, and the pyramid."""
+        visual, pyramid = self.encode_images(images) if len(images) else (None, [])        # (ΣI, K, dim), [...]
+        embeds, values, mask = self.llm_inputs(tokens, visual, pyramid, images_per_row)
+        return self.llm.hidden(inputs_embeds=embeds, images=values, image_mask=mask), pyramid
+
+    def draws(self, x0, images_per_row, generator=None):
+        """The random draws of a training step: CFG dropout (ΣI,) bool, timesteps (ΣI,), noise like x0.
+
+        `generator` is one torch.Generator or one per row; per-row generators make a row's draws independent of
+        which other rows share its batch, so DDP ranks draw exactly what one process would."""
+        gens = generator if isinstance(generator, (list, tuple)) else [generator]
+        counts = list(map(int, images_per_row)) if len(gens) > 1 else [x0.shape[0]]
+        drop, t, noise = [], [], []
+        for gen, k in zip(gens, counts, strict=True):
+            dev = gen.device if gen is not None else x0.device
+            drop.append(torch.rand(k, generator=gen, device=dev) < self.cfg.uncond_prob)
+            t.append(diffusion.sample_timesteps(k, self.cfg.schedule, gen, dev))
+            noise.append(torch.randn((k, *x0.shape[1:]), generator=gen, device=dev))
+        return (torch.cat(drop).to(x0.device), torch.cat(t).to(x0.device),
+                torch.cat(noise).to(x0.device, x0.dtype))
+
+    def forward(self, tokens, images, images_per_row, generator=None, counts=None):
+        """Training losses (§6.1) -> dict(loss, loss_txt, loss_img, n_txt, n_img).
+
+        `generator` (one, or a list with one per row) draws the timesteps, noise and CFG dropout. `counts` =
+        (text targets, images) over the whole global batch (DDP): the losses are then sums divided by those, so
+        the ranks' average is the global mean."""
+        c = self.cfg
+        h, pyramid = self.hidden_states(tokens, images, images_per_row)                   # (B, T, dim), [...]
+        labels = self.text_labels(tokens)                                                  # (B, T-1)
+        logits = self.logits(h[:, :-1])                                                    # (B, T-1, V)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        n_txt = int((labels != -100).sum())
+
+        rows, cols, start, prev = self.image_index(tokens, images_per_row)
+        n_img = int(rows.numel())
+        if n_img:
+            cond, lengths = self.image_condition(h, rows, cols, start)                     # (ΣI, Q, ctx)
+            x0 = self.to_diffusion_space(images)                                           # (ΣI, C, s, s)
+            drop, t, noise = self.draws(x0, images_per_row, generator)
+            cond = torch.where(drop[:, None, None], self.neg_prompt_embeds.to(cond.dtype), cond)  # learned negative
+            feats, fmask = self.previous_features(pyramid, prev)
+            pred = self.unet_forward(diffusion.q_sample(x0, t, noise, c.schedule), t, cond, feats, fmask)
+            target = diffusion.training_target(x0, noise, t, c.schedule)
+            per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)           # (ΣI,)
+            if c.min_snr_gamma > 0:
+                per_image = per_image * diffusion.min_snr_weight(t, c.schedule, c.min_snr_gamma).to(per_image.device)
+            per_image = per_image * (lengths > 2).to(per_image.dtype)  # §5.4: no loss for a segment-opening image
+            mse = per_image.sum()
+        else:
+            mse = h.sum() * 0
+        tot_txt, tot_img = counts if counts is not None else (n_txt, n_img)
+        loss_txt = ce / max(tot_txt, 1)
+        loss_img = mse / max(tot_img, 1)  # mean over all images, masked ones included (§5.4)
+        loss = c.loss_txt_weight * loss_txt + c.loss_img_weight * loss_img
+        return dict(loss=loss, loss_txt=loss_txt.detach(), loss_img=loss_img.detach(), n_txt=n_txt, n_img=n_img)
+
+    # ---------------------------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate_text(self, tokens, images, max_new_tokens=30, temperature=0.0, top_p=1.0, generator=None):
+        """Continue rows of equal length (B, T) whose <BoI>s all have their images (row-major in `images`) ->
+        per row the new ids, each ending at its first `</s>` or `<BoI>` (§3.6) if one came."""
+        ids = self.tokenizer_ids
+        per_row = (tokens == ids["boi"]).sum(1).tolist()
+        visual, pyramid = self.encode_images(images) if images is not None and len(images) else (None, [])
+        embeds, values, _ = self.llm_inputs(tokens, visual, pyramid, per_row)
+        banned = torch.tensor([ids["image"], ids["pad"], ids["bos"]], device=tokens.device)
+
+        def head(h):  # never sample a placeholder (its image would be missing), a pad or a new <s>
+            return self.logits(h).index_fill(-1, banned, float("-inf"))
+        return llm_lib.generate(self.llm, tokens, max_new_tokens, stop_ids=(ids["eos"], ids["boi"]),
+                                inputs_embeds=embeds, images=values, bos_id=ids["bos"], boi_id=ids["boi"],
+                                temperature=temperature, top_p=top_p, generator=generator, head=head)
+
+    @torch.no_grad()
+    def generate_images(self, prompts, images, steps=20, guidance=3.0, sampler="ddim", generator=None,
+                        callback=None):
+        """Draw the image each prompt ends in: prompts is a list of id lists, each ending with <BoI>; images[b] the
+        given images of prompt b (n_b, 3, S, S) in [0, 1]. One LLM pass gives the condition, then DDPM/DDIM with
+        CFG, MMFS reading the previous image of the segment -> (B, 3, image_size, image_size) in [0, 1]."""
+        ids, c = self.tokenizer_ids, self.cfg
+        if any(not p or p[-1] != ids["boi"] for p in prompts):
+            raise ValueError("generate_images: every prompt must end with <BoI>")
+        B, T = len(prompts), max(map(len, prompts))
+        dev = self.soi_token.device
+        tokens = torch.full((B, T), ids["pad"], dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = torch.tensor(p, device=dev)
+        per_row = [len(im) for im in images]
+        flat = torch.cat([im.to(dev) for im in images]) if sum(per_row) else None
+        h, pyramid = self.hidden_states(tokens, flat if flat is not None else [], per_row)  # (B, T, dim), [...]
+        # the target images: each prompt's last <BoI>, which has no image yet (one more than the given ones)
+        ends = torch.tensor([len(p) - 1 for p in prompts], device=dev)
+        rows, cols, start, prev = self.image_index(tokens, [k + 1 for k in per_row])
+        target = torch.tensor([i for i in range(rows.numel()) if int(cols[i]) == int(ends[rows[i]])], device=dev)
+        cond, _ = self.image_condition(h, rows[target], cols[target], start[target])
+        prev_t = prev[target]
+        # image_index counted the targets too: each earlier row added one, so subtract the row to index `flat`
+        feats, fmask = self.previous_features(pyramid, torch.where(prev_t >= 0, prev_t - rows[target], -1))
+        side = c.image_size // (8 if self.vae is not None else 1)
+        shape = (B, c.unet.in_channels, side, side)
+        unet_kw = dict(mmfs_features=feats, mmfs_mask=fmask) if feats is not None else {}
+        if guidance == 1:
+            model_fn = lambda x, t: self.unet_forward(x, t, cond, **unet_kw)  # noqa: E731
+        else:
+            model_fn = diffusion.cfg_model(self.unet_forward, cond, self.neg_prompt_embeds.to(cond.dtype), **unet_kw)
+        x = diffusion.sample(model_fn, shape, c.schedule, steps, sampler, guidance=guidance, generator=generator,
+                             callback=callback, device=dev, dtype=cond.dtype)
+        return self.from_diffusion_space(x)
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+
+    def save_pretrained(self, directory, tokenizer_path, state=None):
+        """Write `directory`/model.safetensors (config JSON in its metadata) and tokenizer.model, both atomically.
+        `state` replaces the weights written (train.py passes its EMA weights)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict() if state is None else state
+        weights.save_state({k: v.detach().contiguous() for k, v in state.items()}, directory / "model.safetensors",
+                           metadata={"config": json.dumps(self.cfg.to_dict())})
+        src, dst = Path(tokenizer_path), directory / "tokenizer.model"
+        if src.resolve() != dst.resolve():
+            tmp = dst.with_name(dst.name + ".tmp")
+            tmp.write_bytes(src.read_bytes())
+            tmp.replace(dst)
+
+    @classmethod
+    def from_checkpoint(cls, directory, device="cpu", dtype=None):
+        """A directory written by `save_pretrained` (train.py's --out) -> (model in eval mode, Tokenizer)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise weights.WeightsError(f"{directory}: checkpoint directory not found")
+        file = directory / "model.safetensors"
+        state, meta = weights.load_state(file)
+        if not meta or "config" not in meta:
+            raise weights.WeightsError(f"{file}: no model config in the safetensors metadata (not an MMInterleaved "
+                                       "checkpoint written by train.py)")
+        try:
+            cfg = MMConfig.from_dict(json.loads(meta["config"]))
+        except (TypeError, ValueError) as e:
+            raise weights.WeightsError(f"{file}: bad model config in the metadata ({e})") from None
+        with torch.device("meta"):  # no random init of weights that are overwritten next (paper: 13B of them)
+            model = cls(cfg)
+        weights.load_into(model, state, str(file), dtype)
+        model.init_buffers()
+        tok_path = directory / "tokenizer.model"
+        tokenizer = llm_lib.Tokenizer(tok_path, pad_id=cfg.pad_id)
+        if tokenizer.n_vocab != cfg.llm.vocab_size:
+            raise weights.WeightsError(f"{tok_path}: {tokenizer.n_vocab} ids but the model has "
+                                       f"{cfg.llm.vocab_size}")
+        return model.to(device).eval(), tokenizer

@@ -1,0 +1,18 @@
+"""Shared fixtures: a tiny MMInterleaved checkpoint directory written by `train.py --tiny` (the script tests' model)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Two optimiser steps of the tiny preset: a real train.py checkpoint (weights, config, tokenizer)."""
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--tiny", "--steps", "2", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out

@@ -1,0 +1,266 @@
+"""MMInterleaved on hand-built sequences: labels, image bookkeeping, loss masking, causality, generation, checkpoints;
+and data.py's tokenisation, packing and batch streams."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import data
+import model as M
+import weights
+
+K = 8  # the tiny preset's visual tokens per image
+VOCAB = 302
+BOS, EOS, PAD, BOI, IMG = 1, 2, 3, VOCAB - 2, VOCAB - 1
+
+
+def tiny(**overrides):
+    cfg = M.preset("tiny", **overrides)
+    cfg.llm = dataclasses.replace(cfg.llm, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    return M.MMInterleaved(cfg)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return tiny()
+
+
+def image_run():
+    return [BOI] + [IMG] * K
+
+
+def batch_of(rows, seed=0):
+    """Right-pad id rows; one random frame per <BoI>."""
+    L = max(map(len, rows))
+    tokens = torch.full((len(rows), L), PAD)
+    for b, r in enumerate(rows):
+        tokens[b, :len(r)] = torch.tensor(r)
+    per_row = [r.count(BOI) for r in rows]
+    g = torch.Generator().manual_seed(seed)
+    return tokens, torch.rand(sum(per_row), 3, 32, 32, generator=g), per_row
+
+
+def test_text_labels_mask_pad_image_bos_and_bos_boi(net):
+    row = [BOS, BOI] + [IMG] * K + [10, 11, EOS, BOS, 12, BOI] + [IMG] * K + [EOS, PAD, PAD]
+    labels = net.text_labels(torch.tensor([row]))[0].tolist()
+    assert len(labels) == len(row) - 1
+    for i, tgt in enumerate(row[1:]):
+        prev = row[i]
+        ignored = tgt in (PAD, IMG, BOS) or (prev == BOS and tgt == BOI)
+        assert (labels[i] == -100) == ignored, (i, prev, tgt)
+    assert labels.count(BOI) == 1 and labels.count(EOS) == 2  # <BoI> after text and </s> stay targets
+
+
+def test_image_index_segments_and_previous_image(net):
+    r0 = [BOS] + image_run() + [10] + image_run() + [EOS, BOS, 11] + image_run() + [EOS]
+    r1 = [BOS, 12, 13] + image_run() + [14]
+    tokens, _, per_row = batch_of([r0, r1])
+    rows, cols, start, prev = net.image_index(tokens, per_row)
+    assert rows.tolist() == [0, 0, 0, 1]
+    assert cols.tolist() == [1, 11, 23, 3]
+    assert start.tolist() == [0, 0, 21, 0]
+    assert prev.tolist() == [-1, 0, -1, -1]  # image 2 opens a new <s> segment: it has no previous image
+    with pytest.raises(ValueError, match="images_per_row"):
+        net.image_index(tokens, [3, 2])
+
+
+def test_context_is_reversed_segment_up_to_boi(net):
+    r0 = [BOS, 10, 11] + image_run() + [12] + image_run() + [EOS]
+    tokens, images, per_row = batch_of([r0])
+    h, _ = net.hidden_states(tokens, images, per_row)
+    rows, cols, start, _ = net.image_index(tokens, per_row)
+    seen = {}
+    hook = net.context_feat_proj.register_forward_hook(lambda m, i, o: seen.setdefault("ctx", i[0].detach()))
+    try:
+        _, lengths = net.image_condition(h, rows, cols, start)
+    finally:
+        hook.remove()
+    assert lengths.tolist() == [4, 4 + K + 2]
+    ctx = seen["ctx"]
+    for i in range(2):
+        n = int(lengths[i])
+        want = h[0, :int(cols[i]) + 1].flip(0)  # the <BoI> state first, back to the segment's <s>
+        torch.testing.assert_close(ctx[i, :n], want, rtol=0, atol=0)
+        if n < ctx.shape[1]:
+            assert ctx[i, n:].abs().max().item() == 0  # padding positions are zero before the projection
+
+
+def test_segment_opening_images_get_no_diffusion_loss(net):
+    # every image directly follows <s>: context [<s>, <BoI>], length 2 -> no loss (§5.4), text loss still there
+    r0 = [BOS] + image_run() + [10, 11, EOS, BOS] + image_run() + [12, EOS]
+    tokens, images, per_row = batch_of([r0])
+    out = net(tokens, images, per_row, generator=torch.Generator().manual_seed(0))
+    assert out["n_img"] == 2 and out["loss_img"].item() == 0.0
+    assert out["loss_txt"].item() > 0 and torch.isfinite(out["loss"])
+    # with text before the image it is a text-to-image example and does count
+    tokens, images, per_row = batch_of([[BOS, 10, 11] + image_run() + [EOS]])
+    out = net(tokens, images, per_row, generator=torch.Generator().manual_seed(0))
+    assert out["loss_img"].item() > 0
+
+
+def test_later_images_do_not_change_earlier_states():
+    net = tiny().eval()
+    with torch.no_grad():  # live MMFS gates, so images really reach the text states
+        for layer in net.llm.model.layers:
+            if layer.llama_cross_attn is not None:
+                layer.llama_cross_attn.gate.fill_(1.0)
+    r0 = [BOS, 10] + image_run() + [11, 12] + image_run() + [13, EOS]
+    tokens, images, per_row = batch_of([r0])
+    h1, _ = net.hidden_states(tokens, images, per_row)
+    images2 = images.clone()
+    images2[1] = torch.rand(3, 32, 32)
+    h2, _ = net.hidden_states(tokens, images2, per_row)
+    first_slot = 2 + K + 2 + 1  # the first placeholder of image 1: where it becomes visible
+    torch.testing.assert_close(h1[0, :first_slot], h2[0, :first_slot], rtol=0, atol=0)
+    assert (h1[0, first_slot:] - h2[0, first_slot:]).abs().max() > 1e-6  # and it is visible after
+
+
+def test_forward_draws_are_per_row(net):
+    """Per-row generators: a row's random draws do not depend on the rows beside it (what DDP relies on)."""
+    x0 = torch.zeros(5, 3, 32, 32)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (7, 8)]  # noqa: E731
+    d_all = net.draws(x0, [2, 3], gens())
+    d_one = net.draws(x0[:3], [3], [torch.Generator().manual_seed(8)])
+    for a, b in zip(d_all, d_one):
+        torch.testing.assert_close(a[2:], b)
+
+
+def test_generate_images_is_seeded_and_checks_prompts(net):
+    prompts = [[BOS, 10, 11, BOI], [BOS] + image_run() + [12, BOI]]
+    imgs = [torch.zeros(0, 3, 32, 32), torch.rand(1, 3, 32, 32)]
+    a = net.generate_images(prompts, imgs, steps=2, generator=torch.Generator().manual_seed(1))
+    b = net.generate_images(prompts, imgs, steps=2, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (2, 3, 32, 32) and torch.equal(a, b) and 0 <= a.min() and a.max() <= 1
+    with pytest.raises(ValueError, match="end with <BoI>"):
+        net.generate_images([[BOS, 10]], [torch.zeros(0, 3, 32, 32)], steps=1)
+
+
+def test_generate_text_stops_at_eos_or_boi(net):
+    tokens = torch.tensor([[BOS] + image_run() + [10]])
+    out = net.generate_text(tokens, torch.rand(1, 3, 32, 32), max_new_tokens=5)
+    assert len(out) == 1 and 1 <= len(out[0]) <= 5
+    assert all(t not in (EOS, BOI) for t in out[0][:-1])
+
+
+def test_generate_text_never_samples_placeholders_or_pad():
+    net = tiny().eval()
+    with torch.no_grad():  # make <image>, pad and <s> the most likely next tokens by far
+        net.llm.lm_head.weight[[IMG, PAD, BOS]] = net.llm.model.norm.weight * 50
+    out = net.generate_text(torch.tensor([[BOS, 10, 11]]), None, max_new_tokens=4)[0]
+    assert len(out) == 4 and not set(out) & {IMG, PAD, BOS}
+
+
+def test_no_mmfs_ablation_has_no_mmfs_parameters():
+    net = tiny()
+    ablation = M.MMInterleaved(M.without_mmfs(net.cfg))
+    assert any("llama_cross_attn" in k for k in net.state_dict()) and any(k.startswith("unet.mmfs.")
+                                                                       for k in net.state_dict())
+    assert not any("llama_cross_attn" in k or k.startswith("unet.mmfs.") for k in ablation.state_dict())
+    tokens, images, per_row = batch_of([[BOS, 10] + image_run() + [11] + image_run() + [EOS]])
+    out = ablation(tokens, images, per_row, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"])
+
+
+def test_presets_are_independent_copies():
+    a = M.preset("small")
+    a.llm.dim = 7
+    assert M.preset("small").llm.dim != 7
+    cfg = M.preset("paper")
+    assert cfg.freeze_pretrained and cfg.vae is not None and cfg.decoder.num_queries == 77
+    assert M.MMConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_checkpoint_round_trip_and_bad_dirs(tmp_path, tiny_checkpoint):
+    net, tok = M.MMInterleaved.from_checkpoint(tiny_checkpoint)
+    again, _ = M.MMInterleaved.from_checkpoint(tiny_checkpoint)
+    for (k, v), (k2, v2) in zip(net.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert tok.n_vocab == net.cfg.llm.vocab_size and net.cfg.ids["boi"] == tok.boi_id
+    with pytest.raises(weights.WeightsError, match="not found"):
+        M.MMInterleaved.from_checkpoint(tmp_path / "nope")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(weights.WeightsError, match="model.safetensors"):
+        M.MMInterleaved.from_checkpoint(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data.py: tokenisation, packing, batches
+
+class FakeTok:
+    bos_id, eos_id, pad_id, boi_id, image_id = BOS, EOS, PAD, BOI, IMG
+
+    def encode(self, text, bos=False):
+        return [10 + (len(w) % 50) for w in text.split()]
+
+    def image_tokens(self, k):
+        return [BOI] + [IMG] * k
+
+
+def test_tokenize_document_order():
+    img = np.zeros((32, 32, 3), np.uint8)
+    ids, images = data.tokenize_document([{"text": "a bb"}, {"image": img}, {"text": "ccc"}], FakeTok(), K)
+    assert ids == [BOS, 11, 12] + image_run() + [13, EOS] and len(images) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["t", "i"]), min_size=1, max_size=12), min_size=1, max_size=6),
+       st.integers(K + 1, 40), st.integers(1, 6))
+def test_pack_keeps_image_runs_whole(docs, seq_len, max_images):
+    tokenized = []
+    for d, kinds in enumerate(docs):
+        ids, images = [BOS], []
+        for j, kind in enumerate(kinds):
+            if kind == "i":
+                ids += image_run()
+                images.append((d, j))
+            else:
+                ids += [10 + j, 11]
+        tokenized.append((ids + [EOS], images))
+    if any(len(im) > max_images for _, im in tokenized):
+        max_images = max(len(im) for _, im in tokenized) + 1  # cap above any chunk (the error path is tested below)
+    rows = data.pack(tokenized, seq_len, max_images, BOI, K)
+    assert [t for r, _ in rows for t in r] == [t for ids, _ in tokenized for t in ids]  # nothing lost or reordered
+    assert [x for _, im in rows for x in im] == [x for _, im in tokenized for x in im]
+    for ids, images in rows:
+        assert len(ids) <= seq_len and ids.count(BOI) == len(images) <= max_images
+        for p, t in enumerate(ids):
+            if t == BOI:
+                assert ids[p + 1:p + 1 + K] == [IMG] * K  # never cut inside an image run
+
+
+def test_pack_rejects_impossible_rows():
+    with pytest.raises(ValueError, match="cannot hold one image"):
+        data.pack([([BOS] + image_run() + [EOS], [0])], K, 4, BOI, K)
+    with pytest.raises(ValueError, match="more than the model"):
+        data.pack([([BOS] + image_run() * 3 + [EOS], [0, 1, 2])], 100, 2, BOI, K)
+
+
+def test_story_batches_are_pure_and_split_by_rank(tiny_checkpoint):
+    _, tok = M.MMInterleaved.from_checkpoint(tiny_checkpoint)
+    sb = data.StoryBatches(tok, K, 256, 4, 7, seed=3)
+    a, b = sb.batch(5), sb.batch(5)
+    assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["images"], b["images"])
+    assert not torch.equal(sb.batch(6)["tokens"], a["tokens"])  # another step, other stories
+    r0, r1 = sb.batch(5, rank=0, world=2), sb.batch(5, rank=1, world=2)
+    assert r0["images_per_row"] == a["images_per_row"][0::2] and r1["images_per_row"] == a["images_per_row"][1::2]
+    for b_, part in ((0, r0), (1, r1)):
+        for j in range(2):
+            n = part["tokens"].shape[1]
+            assert torch.equal(part["tokens"][j], a["tokens"][b_ + 2 * j, :n])
+    assert all(1 <= k <= 7 for k in a["images_per_row"])
+    assert (a["tokens"] == tok.boi_id).sum().item() == a["images"].shape[0]
+    with pytest.raises(ValueError, match="does not fit"):
+        data.StoryBatches(tok, K, 40, 1, 7).batch(0)
+
+
+def test_collate_resizes_and_pads():
+    big = np.full((48, 64, 3), 200, np.uint8)
+    out = data.collate([([BOS, 5], []), ([BOS] + image_run(), [big])], PAD, 32)
+    assert out["tokens"].shape == (2, 2 + K) and out["tokens"][0, 2:].eq(PAD).all()
+    assert out["images"].shape == (1, 3, 32, 32) and out["images_per_row"] == [0, 1]
+    assert abs(out["images"].max().item() - 200 / 255) < 1e-6
