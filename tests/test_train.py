@@ -1,0 +1,96 @@
+"""train.py end to end on the tiny preset: checkpoint files, exact resume, NaN stop, bad resume, DDP = one process."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as M
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--tiny", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def losses(out):
+    return [json.loads(ln)["loss"] for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    r = run("--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_tiny_run_writes_a_loadable_checkpoint(full_run):
+    for name in ("model.safetensors", "tokenizer.model", "metrics.jsonl", "train/raw.safetensors",
+                 "train/optimizer.pt", "train/state.json"):
+        assert (full_run / name).is_file(), name
+    ls = losses(full_run)
+    assert len(ls) == 6 and all(torch.isfinite(torch.tensor(ls)))
+    net, tok = M.MMInterleaved.from_checkpoint(full_run)
+    assert net.cfg.llm.vocab_size == tok.n_vocab and json.loads((full_run / "train/state.json").read_text())["step"] == 6
+
+
+def test_resume_after_interruption_repeats_the_run(full_run, tmp_path):
+    r = run("--out", tmp_path, "--stop-at", 3)
+    assert r.returncode == 0, r.stderr
+    assert len(losses(tmp_path)) == 3
+    r = run("--out", tmp_path, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert losses(tmp_path) == losses(full_run)  # bit-identical: same batches, draws and optimizer state
+    a, _ = M.MMInterleaved.from_checkpoint(full_run)
+    b, _ = M.MMInterleaved.from_checkpoint(tmp_path)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+
+
+def test_existing_run_is_not_overwritten(full_run):
+    before = (full_run / "model.safetensors").read_bytes()
+    r = run("--out", full_run)
+    assert r.returncode != 0 and "--resume" in r.stderr and "Traceback" not in r.stderr
+    assert (full_run / "model.safetensors").read_bytes() == before
+
+
+def test_corrupt_checkpoint_on_resume_is_a_clear_error(full_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    state = json.loads((out / "train/state.json").read_text())
+    state["step"] = 3  # so it is not finished
+    (out / "train/state.json").write_text(json.dumps(state))
+    raw = out / "train/raw.safetensors"
+    raw.write_bytes(raw.read_bytes()[:1000])  # truncated
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = run("--out", out, "--resume")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "raw.safetensors" in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot  # nothing touched
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    r = run("--out", tmp_path, "--lr", "1e30", "--save-every", 1)
+    assert r.returncode != 0 and "loss is" in r.stderr and "Traceback" not in r.stderr
+    step = json.loads((tmp_path / "train/state.json").read_text())["step"]
+    assert 1 <= step < 6
+    net, _ = M.MMInterleaved.from_checkpoint(tmp_path)  # the last good checkpoint loads and is finite
+    assert all(torch.isfinite(v).all() for v in net.state_dict().values() if v.is_floating_point())
+
+
+def test_ddp_two_processes_match_one(full_run, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           str(ROOT / "train.py"), "--tiny", "--out", str(tmp_path), "--steps", "6", "--stop-at", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ddp, one = losses(tmp_path), losses(full_run)[:2]
+    # same global batch and random draws; only float32 summation order differs between the two layouts
+    assert ddp == pytest.approx(one, rel=1e-4)

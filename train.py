@@ -1,0 +1,289 @@
+"""Train MM-Interleaved end to end: tokenizer, model, then text cross-entropy + 10 x diffusion MSE (reference §6-7).
+
+    python train.py --small                     # the CPU / one-GPU recipe on ShapeStories (out/small)
+    python train.py --tiny --out /tmp/t         # seconds: a smoke test
+    python train.py --small --no-mmfs --out out/small-no-mmfs   # the ablation eval.py --compare reads
+    python train.py --small --resume            # continue an interrupted run exactly
+    torchrun --nproc_per_node 2 train.py --small                # DDP (nccl on GPUs, gloo on CPUs)
+
+Reads top to bottom: settings, (distributed) setup, tokenizer, model, optimiser, resume, the loop. Every batch
+and every random draw of a step is a function of (seed, step, rank), so `--resume` repeats an uninterrupted run
+exactly. The output directory holds model.safetensors (the EMA weights when EMA is on: what sample.py and
+eval.py load), tokenizer.model, metrics.jsonl and train/ (raw weights, optimiser, step) for resuming.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import data
+import llm
+import model as M
+import weights
+
+# ----------------------------------------------------------------------------------------------------------------
+# settings: a preset table (gpt-fast style); flags override
+
+PRESETS = {
+    # seconds on a CPU: CI's end-to-end run
+    "tiny": dict(model="tiny", steps=6, batch_size=2, seq_len=256, lr=1e-3, warmup=2, vocab=300, corpus=200,
+                 ema=0.0, unet_lr_scale=1.0, log_every=1, save_every=3, out="out/tiny"),
+    # train.py --small: everything from scratch on ShapeStories, <= 60 min on a 2-core CPU (README)
+    "small": dict(model="small", steps=900, batch_size=4, seq_len=512, lr=1e-3, warmup=50, vocab=400, corpus=2000,
+                  ema=0.995, unet_lr_scale=1.0, log_every=10, save_every=100, out="out/small"),
+}
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+g = ap.add_argument_group("recipe")
+size = g.add_mutually_exclusive_group()
+size.add_argument("--small", action="store_true", help="the small recipe (default)")
+size.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
+g.add_argument("--no-mmfs", action="store_true", help="ablation: no MMFS in the LLM or the UNet")
+g.add_argument("--data", metavar="JSONL", help="train on an interleaved JSONL corpus instead of ShapeStories")
+g = ap.add_argument_group("optimisation")
+g.add_argument("--steps", type=int, help="optimiser steps")
+g.add_argument("--batch-size", type=int, help="sequences per step (global, over all ranks)")
+g.add_argument("--lr", type=float, help="peak learning rate (warm-up, then cosine to 10%%)")
+g.add_argument("--seed", type=int, default=0, help="seeds the init, the data and every random draw")
+g = ap.add_argument_group("output")
+g.add_argument("--out", metavar="DIR", help="checkpoint directory (default out/<preset>)")
+g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+g.add_argument("--save-every", type=int, help="checkpoint every N steps (and at the end)")
+g.add_argument("--stop-at", type=int, help="stop with a checkpoint after this step, as an interruption would")
+g.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+args = ap.parse_args()
+
+
+def fail(msg):
+    sys.exit(f"train.py: error: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# setup: distributed, device, output directory
+
+ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+if ddp:
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+else:
+    rank, world = 0, 1
+master = rank == 0
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu",
+                                                                                                        enabled=False)
+preset_name = "tiny" if args.tiny else "small"
+out = Path(args.out or PRESETS[preset_name]["out"])
+state_file = out / "train" / "state.json"
+try:
+    if args.resume:
+        saved = weights.read_json(state_file)  # the run's settings come from its first invocation
+        settings = saved["settings"]
+    else:
+        if state_file.exists():
+            fail(f"{out} already holds a run (step {weights.read_json(state_file)['step']}); pass --resume to "
+                 "continue it or choose another --out")
+        settings = dict(PRESETS[preset_name], no_mmfs=args.no_mmfs, data=args.data, seed=args.seed)
+        for k in ("steps", "batch_size", "lr", "save_every"):
+            if getattr(args, k) is not None:
+                settings[k] = getattr(args, k)
+except (weights.WeightsError, KeyError) as e:
+    fail(f"{state_file}: not a readable training state ({e})")
+S = argparse.Namespace(**settings)
+if S.batch_size % world:
+    fail(f"--batch-size {S.batch_size} is not divisible by the {world} ranks")
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenizer: trained first, on the corpus's text (rank 0 writes it, the others wait and read it)
+
+tok_path = out / "tokenizer.model"
+if master and not args.resume:
+    texts = (data.story_corpus(S.corpus, S.seed) if not S.data else
+             [s["text"] for doc in data.read_jsonl(S.data) for s in doc if "text" in s])
+    tmp = llm.Tokenizer.train(texts, out / "tokenizer.tmp", S.vocab)
+    os.replace(tmp.path, tok_path)
+    (out / "tokenizer.tmp.vocab").unlink(missing_ok=True)
+if ddp:
+    dist.barrier()
+tok = llm.Tokenizer(tok_path)
+
+# ----------------------------------------------------------------------------------------------------------------
+# model
+
+cfg = M.preset(S.model, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
+if S.no_mmfs:
+    cfg = M.without_mmfs(cfg)
+torch.manual_seed(S.seed)
+model = M.MMInterleaved(cfg).to(device)
+raw = model
+if ddp:
+    model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+n_params = sum(p.numel() for p in raw.parameters())
+n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+
+# ----------------------------------------------------------------------------------------------------------------
+# optimiser: AdamW with the authors' parameter groups (reference §7.2)
+
+
+def param_groups(net, lr, wd=0.05, unet_lr_scale=1.0):
+    """First match wins: MMFS gates (no decay), sampling offsets (lr/10, no decay), the pretrained UNet (its
+    own lr scale), everything else; biases and LayerNorm weights never decay."""
+    no_decay = {f"{n}.{p}" if n else p for n, m in net.named_modules() if isinstance(m, nn.LayerNorm)
+                for p, _ in m.named_parameters(recurse=False)}
+    groups = {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "llama_cross_attn.gate" in name:
+            key = ("gate", lr, 0.0)
+        elif "sampling_offsets" in name:
+            key = ("offsets", lr * 0.1, 0.0)
+        elif name.startswith("unet.") and not name.startswith("unet.mmfs."):
+            key = ("unet", lr * unet_lr_scale, 0.0 if name.endswith("bias") or name in no_decay else wd)
+        else:
+            key = ("rest", lr, 0.0 if name.endswith("bias") or name in no_decay else wd)
+        groups.setdefault(key, []).append(p)
+    return [dict(params=ps, lr=l, base_lr=l, weight_decay=w, name=f"{n}/wd{w}") for (n, l, w), ps in groups.items()]
+
+
+opt = torch.optim.AdamW(param_groups(raw, S.lr, unet_lr_scale=S.unet_lr_scale), betas=(0.9, 0.99), eps=1e-8)
+
+
+def lr_factor(step):
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < S.warmup:
+        return (step + 1) / S.warmup
+    progress = (step - S.warmup) / max(1, S.steps - S.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# EMA of the trainable weights (what sampling uses); frozen tensors and buffers are copied as they are
+ema = {k: v.detach().clone() for k, v in raw.state_dict().items()} if S.ema > 0 else None
+trainable = {n for n, p in raw.named_parameters() if p.requires_grad}
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints: every file written atomically; state.json last, so a crash mid-save leaves the previous step
+
+
+def save(step):
+    if not master:
+        return
+    meta = {"step": str(step)}
+    weights.save_state(raw.state_dict(), out / "train" / "raw.safetensors", metadata=meta)
+    tmp = out / "train" / "optimizer.pt.tmp"
+    torch.save({"step": step, "optimizer": opt.state_dict()}, tmp)
+    os.replace(tmp, out / "train" / "optimizer.pt")
+    raw.save_pretrained(out, tok_path, state=ema)
+    weights.atomic_write_text(state_file, json.dumps({"step": step, "settings": settings}, indent=1))
+
+
+start = 0
+if args.resume:
+    try:
+        start = int(saved["step"])
+        state, meta = weights.load_state(out / "train" / "raw.safetensors")
+        if int(meta.get("step", -1)) != start:
+            raise ValueError(f"{out / 'train' / 'raw.safetensors'} is from step {meta.get('step')}, "
+                             f"state.json says {start}")
+        raw.load_state_dict(state, strict=True)
+        ostate = torch.load(out / "train" / "optimizer.pt", weights_only=True, map_location=device)
+        if ostate["step"] != start:
+            raise ValueError(f"{out / 'train' / 'optimizer.pt'} is from step {ostate['step']}, state.json says {start}")
+        opt.load_state_dict(ostate["optimizer"])
+        if ema is not None:
+            ema_state, _ = weights.load_state(out / "model.safetensors")
+            ema = {k: ema_state[k].to(device) for k in ema}
+    except (ValueError, KeyError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        fail(f"cannot resume from {out}: {str(e).splitlines()[0]}")
+    if start >= S.steps:
+        fail(f"{out} already finished its {S.steps} steps")
+    if master:  # metrics logged after the checkpoint belong to the lost part of the run
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        weights.atomic_write_text(out / "metrics.jsonl",
+                                  "".join(ln + "\n" for ln in lines if json.loads(ln)["step"] < start))
+
+# ----------------------------------------------------------------------------------------------------------------
+# data: every batch is a pure function of (seed, step, rank)
+
+K, max_images = cfg.num_image_tokens, cfg.llm.max_images - 1  # a token sees at most max_images - 1 images
+try:
+    if S.data:
+        batches = data.DocumentBatches(S.data, tok, K, S.seq_len, S.batch_size, max_images, S.seed, cfg.image_size)
+    else:
+        batches = data.StoryBatches(tok, K, S.seq_len, S.batch_size, max_images, S.seed, cfg.image_size)
+except ValueError as e:
+    fail(str(e))
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+
+if master:
+    print(f"{preset_name}{' --no-mmfs' if S.no_mmfs else ''}: {n_params / 1e6:.2f}M parameters "
+          f"({n_train / 1e6:.2f}M trained) on {device}{f' x {world} ranks' if ddp else ''}, steps {start}..{S.steps}, "
+          f"batch {S.batch_size} x {S.seq_len} tokens -> {out}", file=sys.stderr)
+metrics = open(out / "metrics.jsonl", "a") if master else None
+t0, last = time.time(), start
+stop = min(S.steps, args.stop_at) if args.stop_at is not None else S.steps
+for step in range(start, stop):
+    for group in opt.param_groups:
+        group["lr"] = group["base_lr"] * lr_factor(step)
+    batch = batches.batch(step, rank, world)
+    tokens, images = batch["tokens"].to(device), batch["images"].to(device)
+    torch.manual_seed(S.seed * 1_000_003 + step * world + rank)  # dropout, if a preset uses it (per rank)
+    rows = range(rank, S.batch_size, world)  # this rank's rows of the global batch; each draws from its own seed
+    gens = [torch.Generator(device).manual_seed(S.seed * 1_000_003 + step * S.batch_size + j) for j in rows]
+    # losses are sums over this rank divided by the global counts, so DDP's gradient mean (x world) is the mean
+    # over the global batch: the same loss as one process on the same batch
+    counts = torch.tensor([int((raw.text_labels(tokens) != -100).sum()), len(images)], device=device)
+    if ddp:
+        dist.all_reduce(counts)
+    with autocast:
+        res = model(tokens, images, batch["images_per_row"], generator=gens, counts=counts.tolist())
+    (res["loss"] * world).backward()
+    logged = torch.stack([res["loss"].detach(), res["loss_txt"], res["loss_img"]]).float()
+    if ddp:
+        dist.all_reduce(logged)
+    if not torch.isfinite(logged).all():  # stop before the update: the last checkpoint stays the last good one
+        fail(f"loss is {logged[0].item()} at step {step}; stopped without saving, the checkpoint in {out} "
+             f"(step {last if last > start or args.resume else 'none'}) is intact")
+    grad_norm = float(nn.utils.clip_grad_norm_(raw.parameters(), 1.0))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if ema is not None:
+        with torch.no_grad():
+            for k, v in raw.state_dict().items():
+                if k in trainable:
+                    ema[k].lerp_(v, 1 - S.ema)
+                else:
+                    ema[k].copy_(v)
+    done = step + 1
+    if master and (done % S.log_every == 0 or done == stop):
+        elapsed = time.time() - t0
+        rate = (done - start) / elapsed
+        loss, lt, li = logged.tolist()
+        metrics.write(json.dumps(dict(step=step, loss=loss, loss_txt=lt, loss_img=li, lr=opt.param_groups[0]["lr"],
+                                      grad_norm=grad_norm, elapsed_s=round(elapsed, 2))) + "\n")
+        metrics.flush()
+        eta = (stop - done) / rate
+        print(f"\rstep {done}/{S.steps} | loss {loss:.4f} (txt {lt:.3f}, img {li:.4f}) | {rate:.2f} steps/s | "
+              f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", end="" if sys.stderr.isatty() else "\n",
+              file=sys.stderr, flush=True)
+    if done % S.save_every == 0 or done == stop:
+        save(done)
+        last = done
+if master:
+    print(f"\ndone: step {stop}/{S.steps}, {(time.time() - t0) / 60:.1f} min; checkpoint in {out}", file=sys.stderr)
+if ddp:
+    dist.destroy_process_group()
