@@ -1,0 +1,295 @@
+"""Evaluate checkpoints on held-out ShapeStories (DESIGN §5): captions, text-to-image, continuation consistency.
+
+    python eval.py --checkpoint out/small                        # 64 eval stories, table + out/small/eval.json
+    python eval.py --checkpoint out/small --compare out/no-mmfs  # the --no-mmfs run in a second column
+
+Read top-down: the three tasks, each split into generation (needs the model) and scoring (pure: the deterministic
+detector and parser of data.py read the outputs back), then `evaluate`, the table / JSON / image writers, `main`.
+  1. captions: `<s><BoI><image>*K` with the story's first frame -> greedy text, first sentence vs the scene sentence;
+  2. text-to-image: `<s>` scene sentence `<BoI>` -> a frame, the objects it names looked up by colour and shape;
+  3. continuation: first frame, scene sentence, first event, `<BoI>` -> the next frame; centroid errors (px) of the
+     objects the event left alone and of the moved one against where the event put it (inf when missing).
+Every story i < --n of the eval split is used, so two checkpoints see the same prompts and, since the diffusion
+noise comes from one CPU generator seeded per task from --seed, the same noise (per batch: --batch-size matters).
+The JSON holds the settings and per checkpoint its metrics: fractions in [0, 1], errors in px, null where no story
+had such an object or event, or where a median error is infinite (over half of those objects missing: see *_found).
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import data
+import weights
+from model import MMInterleaved
+
+
+def log(msg):
+    """Progress goes to stderr; stdout holds only the table."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def chunks(items, n):
+    """Consecutive slices of at most n items."""
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def to_uint8(x):
+    """(3, S, S) float in [0, 1] -> uint8 (S, S, 3), as the detector and PNGs want it."""
+    return (x.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def first_sentence(text):
+    """Up to and including the first "." (the model may go on to an event sentence)."""
+    end = text.find(".")
+    return (text if end < 0 else text[:end + 1]).strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generation: model in, raw outputs out (captions as text, frames as uint8 (S, S, 3))
+
+def caption_task(model, tok, stories, args):
+    """Greedy caption of each story's first frame -> the first generated sentence per story."""
+    k, size = model.cfg.num_image_tokens, model.cfg.image_size
+    prompt = [tok.bos_id] + tok.image_tokens(k)
+    # room for the longest true caption and then some; the model is never told where to stop
+    need = max(len(tok.encode(s.sentences[0], bos=False)) for s in stories) + 8
+    max_new = min(need, model.cfg.llm.max_seq_len - len(prompt))
+    dev = next(model.parameters()).device
+    out = []
+    for part in chunks(stories, args.batch_size):
+        tokens = torch.tensor([prompt] * len(part), device=dev)                              # (B, 2 + K)
+        images = torch.stack([data.image_tensor(s.images[0], size) for s in part]).to(dev)   # (B, 3, S, S)
+        for ids in model.generate_text(tokens, images, max_new_tokens=max_new, temperature=0.0):
+            if ids and ids[-1] in (tok.eos_id, tok.boi_id):
+                ids = ids[:-1]
+            out.append(first_sentence(tok.decode(ids)))
+        log(f"  captions {len(out)}/{len(stories)}")
+    return out
+
+
+def draw(model, prompts, images, args, seed, what):
+    """Batched generate_images with its own seeded CPU generator -> uint8 frames."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for p, im in zip(chunks(prompts, args.batch_size), chunks(images, args.batch_size)):
+        x = model.generate_images(p, im, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                                  generator=gen)                                          # (B, 3, S, S)
+        out += [to_uint8(f) for f in x]
+        log(f"  {what} {len(out)}/{len(prompts)}")
+    return out
+
+
+def t2i_task(model, tok, stories, args):
+    """`<s>` scene sentence `<BoI>` -> the drawn first frame per story."""
+    size = model.cfg.image_size
+    prompts = [tok.encode(s.sentences[0]) + [tok.boi_id] for s in stories]
+    return draw(model, prompts, [torch.zeros(0, 3, size, size)] * len(stories), args, args.seed, "text-to-image")
+
+
+def continuation_task(model, tok, stories, args):
+    """First frame, scene sentence, first event, `<BoI>` -> the drawn second frame per story."""
+    k, size = model.cfg.num_image_tokens, model.cfg.image_size
+    prompts, images = [], []
+    for s in stories:
+        doc = [{"image": s.images[0]}, {"text": s.sentences[0]}, {"text": s.sentences[1]}]
+        ids, _ = data.tokenize_document(doc, tok, k)
+        prompts.append(ids[:-1] + [tok.boi_id])  # drop </s>: the document goes on with an image
+        images.append(data.image_tensor(s.images[0], size)[None])                            # (1, 3, S, S)
+    return draw(model, prompts, images, args, args.seed + 1, "continuation")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scoring: outputs in, metrics out (no model needed)
+
+def rate(flags):
+    """Fraction of True among the applicable (non-None) flags; None when none applies."""
+    flags = [f for f in flags if f is not None]
+    return sum(map(bool, flags)) / len(flags) if flags else None
+
+
+def median(errs):
+    """Median with inf (a missing object) counted like any other error: inf when over half are missing."""
+    return float(np.median(errs)) if errs else None
+
+
+def score_captions(stories, captions):
+    """Exact-caption accuracy and the fraction of true objects the captions name right."""
+    r = [data.score_caption(c, s.sentences[0]) for s, c in zip(stories, captions)]
+    return {"caption_exact": rate(x["exact"] for x in r),
+            "caption_objects": sum(x["n_correct"] for x in r) / sum(x["n_true"] for x in r)}
+
+
+def score_t2i(stories, frames):
+    """Named objects found by colour + shape, exact (size and place too), mean extra objects per frame."""
+    r = [data.score_text_to_image(s.sentences[0], f) for s, f in zip(stories, frames)]
+    n = sum(x["n"] for x in r)
+    return {"t2i_objects": sum(x["found"] for x in r) / n, "t2i_exact": sum(x["exact"] for x in r) / n,
+            "t2i_extra": sum(x["extra"] for x in r) / len(r)}
+
+
+def score_continuations(stories, frames):
+    """Median centroid errors (px) of unmoved / moved objects over all stories, fractions found, event checks."""
+    r = [data.score_continuation(s.objects[0], s.events[1], f) for s, f in zip(stories, frames)]
+    out = {}
+    for role in ("unmoved", "moved"):
+        errs = [e for x in r for e in x[f"{role}_err"]]
+        out[f"{role}_median_px"] = median(errs)
+        out[f"{role}_found"] = rate(math.isfinite(e) for e in errs)
+        out[f"{role}_count"] = len(errs)
+    out["appeared_ok"] = rate(x["appeared_ok"] for x in r)
+    out["gone_ok"] = rate(x["gone_ok"] for x in r)
+    out["cont_extra"] = sum(x["extra"] for x in r) / len(r)
+    return out
+
+
+def evaluate(model, tok, stories, args):
+    """All three tasks on one model -> (metrics, outputs); outputs keep the captions and frames for pictures."""
+    metrics, outputs = {}, {}
+    for name, task, score in (("captions", caption_task, score_captions), ("t2i", t2i_task, score_t2i),
+                              ("continuation", continuation_task, score_continuations)):
+        t0 = time.time()
+        log(f"{name}:")
+        outputs[name] = task(model, tok, stories, args)
+        metrics.update(score(stories, outputs[name]))
+        log(f"  done in {time.time() - t0:.1f} s")
+    return metrics, outputs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reporting
+
+ROWS = [  # (key, label, as a percentage?)
+    ("caption_exact", "caption: exact sentence", True),
+    ("caption_objects", "caption: objects right", True),
+    ("t2i_objects", "text->image: objects found (colour, shape)", True),
+    ("t2i_exact", "text->image: objects exact (+ size, place)", True),
+    ("t2i_extra", "text->image: extra objects / frame", False),
+    ("unmoved_median_px", "continuation: unmoved median error (px)", False),
+    ("unmoved_found", "continuation: unmoved found", True),
+    ("moved_median_px", "continuation: moved median error (px)", False),
+    ("moved_found", "continuation: moved found", True),
+    ("appeared_ok", "continuation: appeared right", True),
+    ("gone_ok", "continuation: disappeared right", True),
+    ("cont_extra", "continuation: extra objects / frame", False),
+]
+
+
+def fmt(v, pct):
+    """One table cell; None: no story had such an object or event."""
+    return "n/a" if v is None else f"{100 * v:.1f}%" if pct else f"{v:.2f}"
+
+
+def finite(metrics):
+    """JSON has no inf: an infinite median error (over half the objects missing) is written as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+
+
+def table(results):
+    """Metrics as rows, one column per checkpoint."""
+    names = [r["checkpoint"] for r in results]
+    w0, w = max(len(label) for _, label, _ in ROWS), max(10, *map(len, names))
+    lines = [f"{'':<{w0}}  " + "  ".join(f"{n:>{w}}" for n in names)]
+    for key, label, pct in ROWS:
+        lines.append(f"{label:<{w0}}  " + "  ".join(f"{fmt(r['metrics'][key], pct):>{w}}" for r in results))
+    return "\n".join(lines)
+
+
+def save_grid(path, rows, zoom=4):
+    """One picture per task: per row some frames side by side and a few lines of text under them."""
+    font = ImageFont.load_default()
+    n = rows[0][0][0].shape[0] * zoom
+    cols = max(len(frames) for frames, _ in rows)
+    lines = max(len(texts) for _, texts in rows)
+    row_h = n + 4 + 12 * lines + 8
+    width = max(cols * (n + 4), 7 * max(len(t) for _, texts in rows for t in texts) + 10)
+    canvas = Image.new("RGB", (width, row_h * len(rows)), (200, 200, 200))
+    pen = ImageDraw.Draw(canvas)
+    for r, (frames, texts) in enumerate(rows):
+        for c, img in enumerate(frames):
+            canvas.paste(Image.fromarray(img).resize((n, n), Image.NEAREST), (c * (n + 4), r * row_h))
+        for i, text in enumerate(texts):
+            pen.text((2, r * row_h + n + 4 + 12 * i), text, fill=(0, 0, 0), font=font)
+    canvas.save(path)
+
+
+def save_images(directory, stories, results, max_rows=12):
+    """captions.png (frame; truth and each checkpoint's caption), t2i.png and continuation.png (truth, then each
+    checkpoint's frame) for the first stories."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    outs = [r["outputs"] for r in results]
+    ss = list(enumerate(stories))[:max_rows]
+    save_grid(directory / "captions.png", [([s.images[0]], [f"true: {s.sentences[0]}"] + [
+        f"[{j}]:  {o['captions'][i]}" for j, o in enumerate(outs)]) for i, s in ss])
+    save_grid(directory / "t2i.png", [([s.images[0]] + [o["t2i"][i] for o in outs], [s.sentences[0]]) for i, s in ss])
+    save_grid(directory / "continuation.png", [([s.images[0], s.images[1]] + [o["continuation"][i] for o in outs],
+                                                [s.sentences[1]]) for i, s in ss])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Evaluate MM-Interleaved checkpoints on held-out ShapeStories.")
+    g = ap.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint", default="out/small", metavar="DIR", help="checkpoint directory (train.py --out)")
+    g.add_argument("--compare", metavar="DIR", help="a second checkpoint (e.g. the --no-mmfs run), side by side")
+    g = ap.add_argument_group("data")
+    g.add_argument("--n", type=int, default=64, help="number of eval stories (stories 0..n-1)")
+    g.add_argument("--seed", type=int, default=0, help="eval split seed; also seeds the diffusion noise")
+    g = ap.add_argument_group("generation")
+    g.add_argument("--steps", type=int, default=20, help="diffusion sampling steps")
+    g.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    g.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="diffusion sampler")
+    g.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g = ap.add_argument_group("output")
+    g.add_argument("--out", metavar="FILE", help="metrics JSON (default: <checkpoint>/eval.json)")
+    g.add_argument("--save-images", metavar="DIR", help="save captions.png, t2i.png, continuation.png here")
+    args = ap.parse_args(argv)
+    if args.n < 1 or args.steps < 1 or args.batch_size < 1:
+        ap.error("--n, --steps and --batch-size must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dirs = [args.checkpoint] + ([args.compare] if args.compare else [])
+    for d in dirs:  # fail before any work, not after the first checkpoint's evaluation
+        if not Path(d).is_dir():
+            raise weights.WeightsError(f"{d}: checkpoint directory not found")
+    results, stories = [], None
+    for d in dirs:
+        log(f"== {d}")
+        model, tok = MMInterleaved.from_checkpoint(d, device=args.device)
+        if stories is None:
+            stories = [data.ShapeStories("eval", seed=args.seed, size=model.cfg.image_size)[i] for i in range(args.n)]
+        elif model.cfg.image_size != stories[0].images[0].shape[0]:
+            raise ValueError(f"{d}: draws {model.cfg.image_size} px frames, {dirs[0]} draws "
+                             f"{stories[0].images[0].shape[0]} px: not comparable")
+        metrics, outputs = evaluate(model, tok, stories, args)
+        results.append({"checkpoint": str(d), "metrics": metrics, "outputs": outputs})
+        del model  # one model in memory at a time
+    print(table(results))
+    settings = {k: getattr(args, k) for k in ("n", "seed", "steps", "guidance", "sampler", "batch_size")}
+    report = {"settings": settings, "results": [{"checkpoint": r["checkpoint"], "metrics": finite(r["metrics"])}
+                                                for r in results]}
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
+    weights.atomic_write_text(out, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    log(f"wrote {out}")
+    if args.save_images:
+        save_images(args.save_images, stories, results)
+        log(f"wrote {args.save_images}/{{captions,t2i,continuation}}.png")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as e:  # weights.WeightsError is a ValueError
+        sys.exit(f"eval.py: error: {e}")

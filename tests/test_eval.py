@@ -1,0 +1,155 @@
+"""eval.py: scoring is perfect on ground truth and fails on blanks; the tasks are seeded; the CLI writes the JSON."""
+import argparse
+import importlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from model import MMInterleaved
+
+ev = importlib.import_module("eval")  # `import eval` would shadow the builtin
+ROOT = Path(__file__).resolve().parent.parent
+FRACTIONS = ["caption_exact", "caption_objects", "t2i_objects", "t2i_exact", "unmoved_found", "moved_found",
+             "appeared_ok", "gone_ok"]
+KEYS = set(FRACTIONS) | {"t2i_extra", "unmoved_median_px", "unmoved_count", "moved_median_px", "moved_count",
+                         "cont_extra"}
+
+
+def _args(**kw):
+    base = dict(seed=0, steps=1, guidance=3.0, sampler="ddim", batch_size=32)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _stories(n, size=32):
+    return [data.ShapeStories("eval", seed=0, size=size)[i] for i in range(n)]
+
+
+class FakeModel(torch.nn.Module):
+    """Answers every prompt with the ground truth (or blank frames): drives eval's scoring without a network."""
+
+    def __init__(self, tok, stories, blank=False):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))  # eval reads the device off the parameters
+        # only what eval reads of a config
+        self.cfg = argparse.Namespace(num_image_tokens=4, image_size=32, llm=argparse.Namespace(max_seq_len=512))
+        self.tok, self.blank = tok, blank
+        k = self.cfg.num_image_tokens
+        self.caption = {data.to_tensor(s.images[0]).numpy().tobytes(): s.sentences[0] + " " + s.sentences[1]
+                        for s in stories}
+        self.frames = {}
+        for s in stories:
+            self.frames[tuple(tok.encode(s.sentences[0]) + [tok.boi_id])] = s.images[0]
+            ids, _ = data.tokenize_document([{"image": s.images[0]}, {"text": s.sentences[0]},
+                                             {"text": s.sentences[1]}], tok, k)
+            self.frames[tuple(ids[:-1] + [tok.boi_id])] = s.images[1]
+
+    def generate_text(self, tokens, images, max_new_tokens=30, temperature=0.0, **kw):
+        """The true scene sentence, then the first event sentence (eval must keep only the first), then </s>."""
+        assert tokens.shape[1] == 2 + self.cfg.num_image_tokens and len(images) == tokens.shape[0]
+        return [self.tok.encode(self.caption[im.numpy().tobytes()], bos=False) + [self.tok.eos_id] for im in images]
+
+    def generate_images(self, prompts, images, **kw):
+        out = torch.stack([data.to_tensor(self.frames[tuple(p)]) for p in prompts])  # (B, 3, S, S)
+        return torch.ones_like(out) if self.blank else out
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    return MMInterleaved.from_checkpoint(tiny_checkpoint)
+
+
+def test_scoring_ground_truth_is_perfect(loaded):
+    _, tok = loaded
+    stories = _stories(24)
+    assert {s.events[1].kind for s in stories} == {"move", "appear", "disappear", "turn"}  # every check applies
+    metrics, outputs = ev.evaluate(FakeModel(tok, stories), tok, stories, _args(batch_size=5))
+    assert outputs["captions"] == [s.sentences[0] for s in stories]
+    assert set(metrics) == KEYS
+    for k in FRACTIONS:
+        assert metrics[k] == 1.0, k
+    assert metrics["unmoved_median_px"] == 0.0 and metrics["moved_median_px"] == 0.0
+    assert metrics["unmoved_count"] > 0 and metrics["moved_count"] > 0
+    assert metrics["t2i_extra"] == 0.0 and metrics["cont_extra"] == 0.0
+
+
+def test_scoring_blank_frames_fail(loaded):
+    _, tok = loaded
+    stories = _stories(8)
+    metrics, _ = ev.evaluate(FakeModel(tok, stories, blank=True), tok, stories, _args())
+    assert metrics["t2i_objects"] == 0.0 and metrics["t2i_exact"] == 0.0
+    assert metrics["unmoved_found"] == 0.0 and metrics["unmoved_median_px"] == math.inf
+    assert ev.finite(metrics)["unmoved_median_px"] is None  # JSON has no inf
+    assert metrics["caption_exact"] == 1.0  # the text side still answered with the truth
+
+
+def test_tasks_are_seeded(loaded):
+    model, tok = loaded
+    stories = _stories(1)
+    a = ev.t2i_task(model, tok, stories, _args(seed=0))
+    assert a[0].dtype == np.uint8 and a[0].shape == (32, 32, 3)
+    assert np.array_equal(a[0], ev.t2i_task(model, tok, stories, _args(seed=0))[0])
+    assert not np.array_equal(a[0], ev.t2i_task(model, tok, stories, _args(seed=1))[0])
+
+
+def test_first_sentence():
+    assert ev.first_sentence(" there is a red circle at the top. the red circle moves up.") == \
+        "there is a red circle at the top."
+    assert ev.first_sentence("no full stop") == "no full stop"
+
+
+def test_cli_compare_writes_json_and_images(tiny_checkpoint, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)  # the default --out lands inside the checkpoint directory
+    ev.main(["--checkpoint", str(ckpt), "--compare", str(ckpt), "--n", "4", "--steps", "2", "--batch-size", "4",
+             "--device", "cpu", "--save-images", str(tmp_path / "img")])
+    report = json.loads((ckpt / "eval.json").read_text())
+    assert report["settings"] == {"n": 4, "seed": 0, "steps": 2, "guidance": 3.0, "sampler": "ddim",
+                                  "batch_size": 4}
+    a, b = report["results"]
+    assert a["checkpoint"] == b["checkpoint"] == str(ckpt)
+    assert set(a["metrics"]) == KEYS
+    assert a["metrics"] == b["metrics"]  # same checkpoint, same seed: fresh loads and generators agree
+    for k in FRACTIONS:
+        v = a["metrics"][k]
+        assert v is None or (math.isfinite(v) and 0 <= v <= 1), (k, v)
+    for k in ("t2i_extra", "cont_extra", "unmoved_median_px", "moved_median_px"):
+        v = a["metrics"][k]
+        assert v is None or (math.isfinite(v) and v >= 0), (k, v)
+    assert a["metrics"]["unmoved_count"] + a["metrics"]["moved_count"] > 0
+    header, *rows = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == [str(ckpt), str(ckpt)] and len(rows) == len(ev.ROWS)
+    for row in rows:
+        cells = row.split()
+        assert cells[-1] == cells[-2], row
+    # the pictures: truth, then each run's frame at 4x; the two runs drew the very same pixels
+    n = 32 * 4
+    for name, first in (("t2i", 1), ("continuation", 2)):
+        img = np.asarray(Image.open(tmp_path / "img" / f"{name}.png"))
+        col = [img[:n, c * (n + 4):c * (n + 4) + n] for c in (first, first + 1)]
+        assert col[0].std() > 0 and np.array_equal(*col), name
+    assert (tmp_path / "img" / "captions.png").stat().st_size > 0
+
+
+def test_missing_checkpoint_is_one_line_error(tmp_path):
+    missing = tmp_path / "nope"
+    proc = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(missing)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == f"eval.py: error: {missing}: checkpoint directory not found"
+    assert not (missing / "eval.json").exists()
+
+
+def test_bad_checkpoints_raise_before_work(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="nope: checkpoint directory not found"):
+        ev.main(["--checkpoint", str(tiny_checkpoint), "--compare", str(tmp_path / "nope")])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        ev.main(["--checkpoint", str(tmp_path)])  # a directory, but no checkpoint in it
