@@ -224,7 +224,7 @@ class MMInterleaved(nn.Module):
     def llm_inputs(self, tokens, visual, pyramid, images_per_row):
         """Embeddings with visual tokens inserted, the per-row MMFS values (B, n_max, Σs², C) and visibility."""
         c = self.cfg.llm
-        tok = self.tokenizer_ids
+        tok = self.cfg.ids
         embeds = self.llm.model.embed_tokens(tokens)                                       # (B, T, dim)
         if visual is None:
             visual = embeds.new_zeros(0, self.cfg.num_image_tokens, c.dim)
@@ -241,10 +241,6 @@ class MMInterleaved(nn.Module):
         mask = llm_lib.image_visibility(tokens, tok["bos"], tok["boi"], n_max, images_per_row)  # (B, T, n_max)
         return embeds, values, mask
 
-    @property
-    def tokenizer_ids(self):
-        return self.cfg.ids
-
     def logits(self, h):
         return self.text_head(h) if self.text_head is not None else self.llm.lm_head(h)
 
@@ -253,7 +249,7 @@ class MMInterleaved(nn.Module):
     def image_index(self, tokens, images_per_row):
         """Per image (row-major): row, <BoI> position, segment start (its last <s>, else 0), previous image of the
         same segment (-1 if none). Only the first images_per_row[b] <BoI>s of row b are images."""
-        ids = self.tokenizer_ids
+        ids = self.cfg.ids
         B, T = tokens.shape
         pos = torch.arange(T, device=tokens.device)
         seg = torch.where(tokens == ids["bos"], pos, 0).cummax(1).values                     # (B, T): last <s> or 0
@@ -271,7 +267,7 @@ class MMInterleaved(nn.Module):
 
     def text_labels(self, tokens):
         """Reference §3.5: targets tokens[:, 1:], ignored (-100) at pad, <image>, <s> and <s> -> <BoI>."""
-        ids = self.tokenizer_ids
+        ids = self.cfg.ids
         inp, tgt = tokens[:, :-1], tokens[:, 1:].clone()
         ignore = (tgt == ids["pad"]) | (tgt == ids["image"]) | (tgt == ids["bos"])
         ignore |= (inp == ids["bos"]) & (tgt == ids["boi"])
@@ -390,7 +386,7 @@ class MMInterleaved(nn.Module):
     def generate_text(self, tokens, images, max_new_tokens=30, temperature=0.0, top_p=1.0, generator=None):
         """Continue rows of equal length (B, T) whose <BoI>s all have their images (row-major in `images`) ->
         per row the new ids, each ending at its first `</s>` or `<BoI>` (§3.6) if one came."""
-        ids = self.tokenizer_ids
+        ids = self.cfg.ids
         per_row = (tokens == ids["boi"]).sum(1).tolist()
         visual, pyramid = self.encode_images(images) if images is not None and len(images) else (None, [])
         embeds, values, _ = self.llm_inputs(tokens, visual, pyramid, per_row)
@@ -408,7 +404,7 @@ class MMInterleaved(nn.Module):
         """Draw the image each prompt ends in: prompts is a list of id lists, each ending with <BoI>; images[b] the
         given images of prompt b (n_b, 3, S, S) in [0, 1]. One LLM pass gives the condition, then DDPM/DDIM with
         CFG, MMFS reading the previous image of the segment -> (B, 3, image_size, image_size) in [0, 1]."""
-        ids, c = self.tokenizer_ids, self.cfg
+        ids, c = self.cfg.ids, self.cfg
         if any(not p or p[-1] != ids["boi"] for p in prompts):
             raise ValueError("generate_images: every prompt must end with <BoI>")
         B, T = len(prompts), max(map(len, prompts))
@@ -422,7 +418,7 @@ class MMInterleaved(nn.Module):
         # the target images: each prompt's last <BoI>, which has no image yet (one more than the given ones)
         ends = torch.tensor([len(p) - 1 for p in prompts], device=dev)
         rows, cols, start, prev = self.image_index(tokens, [k + 1 for k in per_row])
-        target = torch.tensor([i for i in range(rows.numel()) if int(cols[i]) == int(ends[rows[i]])], device=dev)
+        target = (cols == ends[rows]).nonzero().squeeze(1)                                  # (B,) image indices
         cond, _ = self.image_condition(h, rows[target], cols[target], start[target])
         prev_t = prev[target]
         # image_index counted the targets too: each earlier row added one, so subtract the row to index `flat`

@@ -246,11 +246,13 @@ for step in range(start, stop):
     gens = [torch.Generator(device).manual_seed(S.seed * 1_000_003 + step * S.batch_size + j) for j in rows]
     # losses are sums over this rank divided by the global counts, so DDP's gradient mean (x world) is the mean
     # over the global batch: the same loss as one process on the same batch
-    counts = torch.tensor([int((raw.text_labels(tokens) != -100).sum()), len(images)], device=device)
+    counts = None  # one process: the model's own counts are the global ones
     if ddp:
+        counts = torch.tensor([int((raw.text_labels(tokens) != -100).sum()), len(images)], device=device)
         dist.all_reduce(counts)
+        counts = counts.tolist()
     with autocast:
-        res = model(tokens, images, batch["images_per_row"], generator=gens, counts=counts.tolist())
+        res = model(tokens, images, batch["images_per_row"], generator=gens, counts=counts)
     (res["loss"] * world).backward()
     logged = torch.stack([res["loss"].detach(), res["loss_txt"], res["loss_img"]]).float()
     if ddp:
