@@ -122,8 +122,9 @@ class Schedule:
 
 
 # Suggested settings; the schedule itself costs nothing, so "tiny" equals "small".
-# "small": pixel-space 32x32 frames: DDPM's linear betas, v-prediction (well-behaved at every noise level, and
-# min-SNR weighting pairs with it), "trailing" spacing so few-step sampling starts at t = T-1 (pure noise).
+# "small": pixel-space 32x32 frames: DDPM's linear betas, v-prediction (well-behaved at every noise level: its plain
+# MSE keeps weight on the noisy steps where layout and colour are decided), "trailing" spacing so few-step sampling
+# starts at t = T-1 (pure noise).
 _SMALL = Schedule(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="v_prediction",
                   timestep_spacing="trailing", steps_offset=0)
 PRESETS = {"tiny": _SMALL, "small": _SMALL, "paper": Schedule()}

@@ -52,7 +52,9 @@ class MMConfig:
     loss_img_weight: float = 10.0
     uncond_prob: float = 0.1  # CFG training dropout: the condition becomes the learned negative (§5.1 step 4)
     min_snr_gamma: float = 0.0  # > 0: min-SNR-γ loss weights (Hang et al. 2023); the authors use none (0)
-    pooled_condition: bool = False  # also add the mean condition token to the UNet's time embedding (small recipe)
+    # small recipe: one more condition token, the mean of the projected context states, which also joins the UNet's
+    # time embedding: a direct path past the decoder Q-Former, whose from-scratch outputs barely vary with the prompt
+    pooled_condition: bool = False
     freeze_pretrained: bool = True  # paper: freeze CLIP, the LLM (not its MMFS blocks) and the VAE, as the authors
     # special ids of the tokenizer (the paper's are Vicuna's); <BoI> and <image> are the last two ids, llm.vocab_size-2/-1
     bos_id: int = 1
@@ -92,7 +94,7 @@ def preset(name, **overrides):
         cfg = MMConfig(vit=vit_lib.PRESETS[name], resampler=r[name], llm=llm_lib.PRESETS[name],
                        decoder=r[f"{name}_decoder"], unet=unet_lib.PRESETS[name], vae=None,
                        schedule=diffusion.PRESETS[name], image_size=unet_lib.PRESETS[name].sample_size,
-                       min_snr_gamma=5.0, pooled_condition=True, freeze_pretrained=False, pad_id=3)
+                       pooled_condition=True, freeze_pretrained=False, pad_id=3)
         if name == "tiny":  # a 5-frame story with a byte-level tiny tokenizer needs ~200 positions
             cfg.llm = dataclasses.replace(cfg.llm, max_seq_len=384)
             cfg.unet = dataclasses.replace(cfg.unet, in_channels=3, out_channels=3, sample_size=32)
@@ -148,20 +150,22 @@ class MMInterleaved(nn.Module):
     """Paper Fig. 2: ViT(+adapter) -> resampler -> LLaMA with MMFS -> text head; per image, its context -> decoder
     resampler -> UNet with MMFS residuals on the previous image. `forward` returns the training losses."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, parts=None):
+        """`parts` (from_components) holds already-built "vit" / "llm" / "unet" / "vae" modules to use as they are."""
         super().__init__()
         self.cfg = cfg
         c = cfg
+        parts = parts or {}
         if c.resampler.output_size != c.llm.dim or c.decoder.encoder_hidden_size != c.llm.dim:
             raise ValueError(f"MMConfig: resampler.output_size ({c.resampler.output_size}) and decoder."
                              f"encoder_hidden_size ({c.decoder.encoder_hidden_size}) must equal llm.dim ({c.llm.dim})")
         if c.decoder.hidden_size != c.unet.cross_attention_dim:
             raise ValueError(f"MMConfig: decoder.hidden_size ({c.decoder.hidden_size}) must equal "
                              f"unet.cross_attention_dim ({c.unet.cross_attention_dim})")
-        self.vit = vit_lib.ViTAdapter(c.vit)
+        self.vit = parts["vit"] if "vit" in parts else vit_lib.ViTAdapter(c.vit)
         self.neck = Neck(c.vit.hidden_size, c.vit.grid)
         self.resampler = resampler_lib.Resampler(c.resampler)
-        self.llm = llm_lib.LLaMA(c.llm)
+        self.llm = parts["llm"] if "llm" in parts else llm_lib.LLaMA(c.llm)
         self.soi_token = nn.Parameter(torch.zeros(c.llm.dim))  # added to every <BoI> embedding; 0 at init (§3.2)
         # a frozen pretrained LLM keeps its lm_head and learns only the 2 new logits (§3.3); from scratch, it learns all
         self.text_head = llm_lib.TextHead(c.llm.dim, c.llm.vocab_size) if c.freeze_pretrained else None
@@ -169,15 +173,18 @@ class MMInterleaved(nn.Module):
         self.register_buffer("context_pos", sincos_1d(c.llm.dim, c.llm.max_seq_len), persistent=False)
         self.decoder = resampler_lib.Resampler(c.decoder)
         # the learned negative condition for CFG; the authors start from CLIP-text(""), we start from 0
-        self.neg_prompt_embeds = nn.Parameter(torch.zeros(1, c.decoder.num_queries, c.decoder.hidden_size))
-        self.unet = unet_lib.UNet(c.unet)
-        # small recipe: the mean condition token, projected, joins the time embedding (a global, easy-to-use signal)
+        n_cond = c.decoder.num_queries + int(c.pooled_condition)  # the UNet's condition tokens
+        self.neg_prompt_embeds = nn.Parameter(torch.zeros(1, n_cond, c.decoder.hidden_size))
+        self.unet = parts["unet"] if "unet" in parts else unet_lib.UNet(c.unet)
+        # small recipe: the mean context state becomes one more condition token (pooled_ctx_proj), and that token,
+        # projected, joins the time embedding (pooled_proj): a global, easy-to-use signal for colour and shape
+        self.pooled_ctx_proj = nn.Linear(c.llm.dim, c.decoder.hidden_size) if c.pooled_condition else None
         temb = 4 * c.unet.block_out_channels[0]
         self.pooled_proj = nn.Linear(c.decoder.hidden_size, temb) if c.pooled_condition else None
         if self.pooled_proj is not None:
             nn.init.zeros_(self.pooled_proj.weight)  # 0 at init: the UNet starts as the plain UNet
             nn.init.zeros_(self.pooled_proj.bias)
-        self.vae = vae_lib.VAE(c.vae) if c.vae is not None else None
+        self.vae = parts["vae"] if "vae" in parts else vae_lib.VAE(c.vae) if c.vae is not None else None
         if self.text_head is not None and not self.llm.lm_head.weight.is_meta:
             self.text_head.init_from(self.llm.lm_head)
         self.apply_freezing()
@@ -274,20 +281,26 @@ class MMInterleaved(nn.Module):
         return tgt.masked_fill(ignore, -100)                                               # (B, T-1)
 
     def image_condition(self, h, rows, cols, start):
-        """§5.1: h[row, start..<BoI>] reversed, projected, + 1-D sin-cos -> decoder -> (ΣI, Q, ctx) and lengths."""
+        """§5.1: h[row, start..<BoI>] reversed, projected, + 1-D sin-cos -> decoder -> (ΣI, Q, ctx) and lengths;
+        with pooled_condition, + the mean projected context state as token Q + 1."""
         lengths = cols - start + 1                                                         # (ΣI,)
         L = int(lengths.max())
         j = torch.arange(L, device=h.device)
         idx = (cols[:, None] - j[None, :]).clamp(min=0)                                    # (ΣI, L): reversed
         valid = j[None, :] < lengths[:, None]                                              # (ΣI, L)
         ctx = h[rows[:, None], idx] * valid[..., None]                                     # (ΣI, L, dim)
-        ctx = self.context_feat_proj(ctx) + self.context_pos[:L].to(ctx.dtype)            # padded rows get it too
-        return self.decoder(ctx, valid.to(ctx.dtype)), lengths
+        feats = self.context_feat_proj(ctx)                                                # (ΣI, L, dim)
+        mask = valid.to(feats.dtype)
+        cond = self.decoder(feats + self.context_pos[:L].to(ctx.dtype), mask)             # (ΣI, Q, ctx)
+        if self.pooled_ctx_proj is not None:
+            mean = (feats * mask[..., None]).sum(1) / lengths[:, None].to(feats.dtype)      # (ΣI, dim)
+            cond = torch.cat([cond, self.pooled_ctx_proj(mean)[:, None]], 1)              # (ΣI, Q + 1, ctx)
+        return cond, lengths
 
     def unet_forward(self, x, t, cond, mmfs_features=None, mmfs_mask=None):
         extra = None
-        if self.pooled_proj is not None:
-            extra = self.pooled_proj(cond.mean(1))                                         # (B, 4·C0)
+        if self.pooled_proj is not None:  # the last condition token is the pooled context (or its learned negative)
+            extra = self.pooled_proj(cond[:, -1])                                          # (B, 4·C0)
         return self.unet(x, t, cond, mmfs_features, mmfs_mask, temb_extra=extra)
 
     def previous_features(self, pyramid, prev):
@@ -364,14 +377,19 @@ class MMInterleaved(nn.Module):
             x0 = self.to_diffusion_space(images)                                           # (ΣI, C, s, s)
             drop, t, noise = self.draws(x0, images_per_row, generator)
             cond = torch.where(drop[:, None, None], self.neg_prompt_embeds.to(cond.dtype), cond)  # learned negative
+            # §5.4: no loss for a segment-opening image (context <s><BoI> only), so the UNet skips those; the draws
+            # above were made for every image, so which images are kept never shifts another image's noise
+            counted = lengths > 2                                                          # (ΣI,)
+            keep = counted.nonzero(as_tuple=True)[0] if counted.any() else counted.new_zeros(1).long()  # (n,)
+            x0, t, noise, cond, prev = x0[keep], t[keep], noise[keep], cond[keep], prev[keep]
             feats, fmask = self.previous_features(pyramid, prev)
             pred = self.unet_forward(diffusion.q_sample(x0, t, noise, c.schedule), t, cond, feats, fmask)
             target = diffusion.training_target(x0, noise, t, c.schedule)
-            per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)           # (ΣI,)
+            per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)           # (n,)
             if c.min_snr_gamma > 0:
                 per_image = per_image * diffusion.min_snr_weight(t, c.schedule, c.min_snr_gamma).to(per_image.device)
-            per_image = per_image * (lengths > 2).to(per_image.dtype)  # §5.4: no loss for a segment-opening image
-            mse = per_image.sum()
+            # none counted: the UNet still ran on one image, weighted 0, so every parameter has a gradient (DDP)
+            mse = (per_image * counted[keep].to(per_image.dtype)).sum()
         else:
             mse = h.sum() * 0
         tot_txt, tot_img = counts if counts is not None else (n_txt, n_img)
@@ -449,6 +467,53 @@ class MMInterleaved(nn.Module):
             tmp = dst.with_name(dst.name + ".tmp")
             tmp.write_bytes(src.read_bytes())
             tmp.replace(dst)
+
+    @classmethod
+    def from_components(cls, clip_dir, llm_dir, sd_dir, dtype=None, **overrides):
+        """The paper model from the released parts it starts from (§7.1): a CLIP directory (ViT-L/14), a LLaMA /
+        Vicuna directory (its tokenizer.model is the tokenizer) and a Stable Diffusion 2.x directory (unet/, vae/,
+        scheduler/). Each part loads strictly with its own `from_pretrained`; what MM-Interleaved adds (adapter,
+        neck, resamplers, MMFS blocks and residuals, <BoI>/<image> rows, text head, CFG negative) starts from its
+        init. Sizes come from the checkpoints; `overrides` set other MMConfig fields. -> (model, Tokenizer)."""
+        base = preset("paper", **overrides)
+        adapter = ("spm_ratio", "conv_inplane", "adapter_heads", "n_points", "deform_ratio", "cffn_ratio",
+                   "init_values", "extra_extractors", "adapter_ln_eps")  # the ViT sizes come from the CLIP config
+        vit = vit_lib.ViTAdapter.from_pretrained(clip_dir, dtype, **{k: getattr(base.vit, k) for k in adapter})
+        sizes = vit.cfg.pyramid_sizes  # paper 64/32/16/8: the LLM reads the lower three, the UNet all four
+        tokenizer = llm_lib.Tokenizer(Path(llm_dir) / "tokenizer.model", pad_id=overrides.get("pad_id"))
+        n_embed = llm_lib.LLaMA.config_from_hf(llm_dir).vocab_size
+        if n_embed != tokenizer.n_vocab - 2:  # the tokenizer adds <BoI>, <image>; the LLM grows by those 2 rows
+            raise weights.WeightsError(f"{Path(llm_dir) / 'tokenizer.model'}: {tokenizer.n_vocab - 2} pieces but the "
+                                       f"LLM has {n_embed} embeddings")
+        b = base.llm
+        lm = llm_lib.LLaMA.from_pretrained(llm_dir, dtype or torch.float32, vocab_size=tokenizer.n_vocab,
+                                           mmfs_every=b.mmfs_every, image_dim=vit.cfg.hidden_size,
+                                           mmfs_levels=tuple(sizes[1:]), mmfs_base=sizes[2], mmfs_heads=b.mmfs_heads,
+                                           mmfs_points=b.mmfs_points, mmfs_offset_init=b.mmfs_offset_init,
+                                           max_images=b.max_images)
+        u = base.unet
+        unet = unet_lib.UNet.from_pretrained(sd_dir, dtype, mmfs=True, mmfs_dim=u.mmfs_dim,
+                                             mmfs_value_dim=vit.cfg.hidden_size, mmfs_levels=tuple(sizes),
+                                             mmfs_heads=u.mmfs_heads, mmfs_points=u.mmfs_points,
+                                             mmfs_offset_init=u.mmfs_offset_init, mmfs_max_images=u.mmfs_max_images,
+                                             mmfs_max_side=u.mmfs_max_side)
+        vae = vae_lib.VAE.from_pretrained(sd_dir, dtype)
+        if vae.config.latent_channels != unet.config.in_channels:
+            raise weights.WeightsError(f"{sd_dir}: the VAE has {vae.config.latent_channels} latent channels, the UNet "
+                                       f"reads {unet.config.in_channels}")
+        cfg = copy_config(dataclasses.replace(
+            base, vit=vit.cfg, llm=lm.cfg, unet=unet.config, vae=vae.config,
+            schedule=diffusion.Schedule.from_pretrained(sd_dir),
+            image_size=unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1),
+            bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+            resampler=dataclasses.replace(base.resampler, encoder_hidden_size=vit.cfg.hidden_size,
+                                          output_size=lm.cfg.dim),
+            decoder=dataclasses.replace(base.decoder, encoder_hidden_size=lm.cfg.dim,
+                                        hidden_size=unet.config.cross_attention_dim)))
+        model = cls(cfg, parts=dict(vit=vit, llm=lm, unet=unet, vae=vae))
+        if dtype is not None:
+            model = model.to(dtype)
+        return model, tokenizer
 
     @classmethod
     def from_checkpoint(cls, directory, device="cpu", dtype=None):

@@ -5,6 +5,7 @@
     python train.py --small --no-mmfs --out out/small-no-mmfs   # the ablation eval.py --compare reads
     python train.py --small --resume            # continue an interrupted run exactly
     torchrun --nproc_per_node 2 train.py --small                # DDP (nccl on GPUs, gloo on CPUs)
+    torchrun --nproc_per_node 8 train.py --paper --clip CLIP --llm VICUNA --sd SD21 --data docs.jsonl  # real sizes
 
 Reads top to bottom: settings, (distributed) setup, tokenizer, model, optimiser, resume, the loop. Every batch
 and every random draw of a step is a function of (seed, step, rank), so `--resume` repeats an uninterrupted run
@@ -36,10 +37,16 @@ import weights
 PRESETS = {
     # seconds on a CPU: CI's end-to-end run
     "tiny": dict(model="tiny", steps=6, batch_size=2, seq_len=256, lr=1e-3, warmup=2, vocab=300, corpus=200,
-                 ema=0.0, unet_lr_scale=1.0, log_every=1, save_every=3, out="out/tiny"),
+                 ema=0.0, unet_lr_scale=1.0, prefixes=True, log_every=1, save_every=3, out="out/tiny"),
     # train.py --small: everything from scratch on ShapeStories, <= 60 min on a 2-core CPU (README)
-    "small": dict(model="small", steps=900, batch_size=4, seq_len=512, lr=1e-3, warmup=50, vocab=400, corpus=2000,
-                  ema=0.995, unet_lr_scale=1.0, log_every=10, save_every=100, out="out/small"),
+    "small": dict(model="small", steps=1200, batch_size=4, seq_len=512, lr=1e-3, warmup=50, vocab=400, corpus=2000,
+                  ema=0.995, unet_lr_scale=1.0, prefixes=True, log_every=10, save_every=100,
+                  out="out/small"),
+    # the released sizes from CLIP ViT-L/14, Vicuna-13B and SD 2.1-base (--clip/--llm/--sd) on a --data corpus: the
+    # authors' optimisation (reference §7.2); needs large GPUs, never run on this project's CPU machines
+    "paper": dict(model="paper", steps=15000, batch_size=4, seq_len=2048, lr=1e-4, warmup=1000, ema=0.0,
+                  unet_lr_scale=0.1, betas=(0.9, 0.995), eps=1e-6, prefixes=False, log_every=10, save_every=1000,
+                  out="out/paper"),
 }
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,8 +54,12 @@ g = ap.add_argument_group("recipe")
 size = g.add_mutually_exclusive_group()
 size.add_argument("--small", action="store_true", help="the small recipe (default)")
 size.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
+size.add_argument("--paper", action="store_true", help="the paper model from --clip, --llm, --sd on --data")
 g.add_argument("--no-mmfs", action="store_true", help="ablation: no MMFS in the LLM or the UNet")
 g.add_argument("--data", metavar="JSONL", help="train on an interleaved JSONL corpus instead of ShapeStories")
+g.add_argument("--clip", metavar="DIR", help="--paper: a CLIP checkpoint directory (ViT-L/14)")
+g.add_argument("--llm", metavar="DIR", help="--paper: a LLaMA/Vicuna directory with its tokenizer.model")
+g.add_argument("--sd", metavar="DIR", help="--paper: a Stable Diffusion 2.x directory (unet/, vae/, scheduler/)")
 g = ap.add_argument_group("optimisation")
 g.add_argument("--steps", type=int, help="optimiser steps")
 g.add_argument("--batch-size", type=int, help="sequences per step (global, over all ranks)")
@@ -83,7 +94,11 @@ else:
 master = rank == 0
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu",
                                                                                                         enabled=False)
-preset_name = "tiny" if args.tiny else "small"
+preset_name = "tiny" if args.tiny else "paper" if args.paper else "small"
+if args.paper and not (args.resume or (args.clip and args.llm and args.sd and args.data)):
+    fail("--paper needs --clip DIR, --llm DIR, --sd DIR (the pretrained parts) and --data JSONL")
+if args.paper and args.no_mmfs:
+    fail("--no-mmfs is an ablation of the small recipe; the paper preset always has MMFS")
 out = Path(args.out or PRESETS[preset_name]["out"])
 state_file = out / "train" / "state.json"
 try:
@@ -94,7 +109,8 @@ try:
         if state_file.exists():
             fail(f"{out} already holds a run (step {weights.read_json(state_file)['step']}); pass --resume to "
                  "continue it or choose another --out")
-        settings = dict(PRESETS[preset_name], no_mmfs=args.no_mmfs, data=args.data, seed=args.seed)
+        settings = dict(PRESETS[preset_name], no_mmfs=args.no_mmfs, data=args.data, seed=args.seed,
+                        parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
         for k in ("steps", "batch_size", "lr", "save_every"):
             if getattr(args, k) is not None:
                 settings[k] = getattr(args, k)
@@ -108,12 +124,21 @@ if S.batch_size % world:
 # tokenizer: trained first, on the corpus's text (rank 0 writes it, the others wait and read it)
 
 tok_path = out / "tokenizer.model"
+parts = getattr(S, "parts", None)  # the paper preset: the pretrained LLM's tokenizer, copied into the run
 if master and not args.resume:
-    texts = (data.story_corpus(S.corpus, S.seed) if not S.data else
-             [s["text"] for doc in data.read_jsonl(S.data) for s in doc if "text" in s])
-    tmp = llm.Tokenizer.train(texts, out / "tokenizer.tmp", S.vocab)
-    os.replace(tmp.path, tok_path)
-    (out / "tokenizer.tmp.vocab").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if parts:
+        src = Path(parts["llm"]) / "tokenizer.model"
+        if not src.is_file():
+            fail(f"{src}: not found (the --llm directory needs its sentencepiece tokenizer.model)")
+        (out / "tokenizer.tmp").write_bytes(src.read_bytes())
+        os.replace(out / "tokenizer.tmp", tok_path)
+    else:
+        texts = (data.story_corpus(S.corpus, S.seed) if not S.data else
+                 [s["text"] for doc in data.read_jsonl(S.data) for s in doc if "text" in s])
+        tmp = llm.Tokenizer.train(texts, out / "tokenizer.tmp", S.vocab)
+        os.replace(tmp.path, tok_path)
+        (out / "tokenizer.tmp.vocab").unlink(missing_ok=True)
 if ddp:
     dist.barrier()
 tok = llm.Tokenizer(tok_path)
@@ -121,12 +146,20 @@ tok = llm.Tokenizer(tok_path)
 # ----------------------------------------------------------------------------------------------------------------
 # model
 
-cfg = M.preset(S.model, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
-if S.no_mmfs:
-    cfg = M.without_mmfs(cfg)
 torch.manual_seed(S.seed)
-model = M.MMInterleaved(cfg).to(device)
+if parts:  # the released CLIP / LLaMA / SD weights, strictly loaded; the new modules from their init
+    try:
+        model, _ = M.MMInterleaved.from_components(parts["clip"], parts["llm"], parts["sd"])
+    except (weights.WeightsError, ValueError, OSError) as e:
+        fail(str(e).splitlines()[0])
+    cfg = model.cfg
+    model = model.to(device)
+else:
+    cfg = M.preset(S.model, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
+    if S.no_mmfs:
+        cfg = M.without_mmfs(cfg)
+    model = M.MMInterleaved(cfg).to(device)
 raw = model
 if ddp:
     model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
@@ -158,7 +191,8 @@ def param_groups(net, lr, wd=0.05, unet_lr_scale=1.0):
     return [dict(params=ps, lr=l, base_lr=l, weight_decay=w, name=f"{n}/wd{w}") for (n, l, w), ps in groups.items()]
 
 
-opt = torch.optim.AdamW(param_groups(raw, S.lr, unet_lr_scale=S.unet_lr_scale), betas=(0.9, 0.99), eps=1e-8)
+opt = torch.optim.AdamW(param_groups(raw, S.lr, unet_lr_scale=S.unet_lr_scale),
+                        betas=tuple(getattr(S, "betas", (0.9, 0.99))), eps=getattr(S, "eps", 1e-8))
 
 
 def lr_factor(step):
@@ -222,7 +256,8 @@ try:
     if S.data:
         batches = data.DocumentBatches(S.data, tok, K, S.seq_len, S.batch_size, max_images, S.seed, cfg.image_size)
     else:
-        batches = data.StoryBatches(tok, K, S.seq_len, S.batch_size, max_images, S.seed, cfg.image_size)
+        batches = data.StoryBatches(tok, K, S.seq_len, S.batch_size, max_images, S.seed, cfg.image_size,
+                                    prefixes=getattr(S, "prefixes", False))  # runs saved before the flag: off
 except ValueError as e:
     fail(str(e))
 

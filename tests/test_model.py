@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import data
+import diffusion
 import model as M
 import weights
 
@@ -88,6 +89,22 @@ def test_context_is_reversed_segment_up_to_boi(net):
             assert ctx[i, n:].abs().max().item() == 0  # padding positions are zero before the projection
 
 
+def test_pooled_condition_token_is_the_mean_context_state():
+    net = tiny()
+    assert net.cfg.pooled_condition and net.neg_prompt_embeds.shape[1] == net.cfg.decoder.num_queries + 1
+    rows = [[BOS, 10, 11, 12] + image_run() + [EOS], [BOS, 20] + image_run() + [EOS]]
+    tokens, images, per_row = batch_of(rows)
+    with torch.no_grad():
+        h, _ = net.hidden_states(tokens, images, per_row)
+        r, cols, start, _ = net.image_index(tokens, per_row)
+        cond, lengths = net.image_condition(h, r, cols, start)
+        for i in range(2):
+            ctx = h[i, int(start[i]):int(cols[i]) + 1]  # the segment up to its <BoI>; order does not matter for a mean
+            want = net.pooled_ctx_proj(net.context_feat_proj(ctx).mean(0))
+            torch.testing.assert_close(cond[i, -1], want, rtol=1e-5, atol=1e-6)
+    assert (cond[0, -1] - cond[1, -1]).abs().max() > 1e-3  # another prompt, another pooled token
+
+
 def test_segment_opening_images_get_no_diffusion_loss(net):
     # every image directly follows <s>: context [<s>, <BoI>], length 2 -> no loss (§5.4), text loss still there
     r0 = [BOS] + image_run() + [10, 11, EOS, BOS] + image_run() + [12, EOS]
@@ -99,6 +116,44 @@ def test_segment_opening_images_get_no_diffusion_loss(net):
     tokens, images, per_row = batch_of([[BOS, 10, 11] + image_run() + [EOS]])
     out = net(tokens, images, per_row, generator=torch.Generator().manual_seed(0))
     assert out["loss_img"].item() > 0
+
+
+def test_skipping_segment_opening_images_keeps_the_loss():
+    """The UNet runs only on images that count; the loss equals the UNet on every image with the others weighted 0,
+    since the draws are made for every image first."""
+    net = tiny()
+    with torch.no_grad():  # live MMFS residuals and pooled condition, so the previous image and cond matter
+        for p in [*net.unet.mmfs.parameters(), *net.pooled_proj.parameters()]:
+            p.normal_(0, 0.1)
+    r0 = [BOS] + image_run() + [10, 11] + image_run() + [EOS, BOS, 12] + image_run() + [13, EOS]
+    tokens, images, per_row = batch_of([r0])
+    out = net(tokens, images, per_row, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h, pyramid = net.hidden_states(tokens, images, per_row)
+        rows, cols, start, prev = net.image_index(tokens, per_row)
+        cond, lengths = net.image_condition(h, rows, cols, start)
+        assert lengths.tolist() == [2, 2 + K + 2 + 1, 3]  # image 0 opens its segment
+        x0 = net.to_diffusion_space(images)
+        drop, t, noise = net.draws(x0, per_row, torch.Generator().manual_seed(0))
+        cond = torch.where(drop[:, None, None], net.neg_prompt_embeds, cond)
+        feats, fmask = net.previous_features(pyramid, prev)
+        pred = net.unet_forward(diffusion.q_sample(x0, t, noise, net.cfg.schedule), t, cond, feats, fmask)
+        err = (pred - diffusion.training_target(x0, noise, t, net.cfg.schedule)).pow(2).flatten(1).mean(1)
+        if net.cfg.min_snr_gamma > 0:
+            err = err * diffusion.min_snr_weight(t, net.cfg.schedule, net.cfg.min_snr_gamma)
+        want = (err * torch.tensor([0.0, 1.0, 1.0])).sum() / 3  # the mean over all 3 images
+    assert want.item() > 0
+    torch.testing.assert_close(out["loss_img"], want, rtol=1e-5, atol=0)
+
+
+def test_no_counted_image_still_gives_every_unet_parameter_a_gradient():
+    net = tiny()
+    tokens, images, per_row = batch_of([[BOS] + image_run() + [10, EOS]])  # one segment-opening image only
+    out = net(tokens, images, per_row, generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert out["loss_img"].item() == 0.0
+    missing = [n for n, p in net.unet.named_parameters() if p.grad is None]
+    assert not missing, missing[:3]  # DDP needs a gradient for every parameter on every rank
 
 
 def test_later_images_do_not_change_earlier_states():
@@ -256,6 +311,21 @@ def test_story_batches_are_pure_and_split_by_rank(tiny_checkpoint):
     assert (a["tokens"] == tok.boi_id).sum().item() == a["images"].shape[0]
     with pytest.raises(ValueError, match="does not fit"):
         data.StoryBatches(tok, K, 40, 1, 7).batch(0)
+
+
+def test_story_prefixes_are_seeded_prefixes_of_every_length():
+    full = data.StoryBatches(None, K, 256, 4, 7, seed=3)
+    pre = data.StoryBatches(None, K, 256, 4, 7, seed=3, prefixes=True)
+    lengths = set()
+    for i in range(40):
+        whole, part = full.document(i), pre.document(i)
+        assert len(part) % 2 == 0 and 2 <= len(part) <= len(whole)
+        assert all(a is b or (a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a))
+                   for a, b in zip(part, whole))  # the story's first frames, in the story's order
+        assert len(pre.document(i)) == len(part)  # the prefix is a function of (seed, story)
+        lengths.add(len(part) // 2)
+    assert lengths == {1, 2, 3, 4, 5}
+    assert len(full.document(0)) == 2 * len(data.make_story("train", 3, 0).images)
 
 
 def test_collate_resizes_and_pads():
