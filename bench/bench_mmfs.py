@@ -1,12 +1,13 @@
-"""MSDA core of MMFS: mmfs.msda_reference (grid_sample) vs the fused numba CPU kernel (kernels/msda.py).
+"""MSDA core of MMFS: mmfs.msda_reference (grid_sample) vs the fused numba kernels (kernels/msda.py).
 
-    python bench/bench_mmfs.py [--repeats 5]
+    python bench/bench_mmfs.py [--repeats 5] [--device cuda]
 
 Prints median wall times side by side, speed-ups, the peak extra memory of each (resident-set high-water mark above
 the level just before the call, each measured in a fresh process), the part of it beyond the results every
 implementation must hold ("workspace": output, upstream gradient, the three gradients), and the fused kernel's
 compile time in a process with an empty numba cache and in a second process that finds the cache. float32, torch's
-and numba's default threads.
+and numba's default threads. With --device cuda: the CUDA kernel against grid_sample on the GPU, times between
+synchronisations, and the peak of torch's allocator during one call above what was allocated before it.
 """
 import argparse
 import json
@@ -65,51 +66,37 @@ def step(impl, args, mode):
     return sum(t.numel() * t.element_size() for t in results)
 
 
+def _sync(args):
+    if args[0].is_cuda:
+        torch.cuda.synchronize(args[0].device)
+
+
 def median_seconds(impl, args, mode, repeats):
-    step(impl, args, mode)  # warm-up (and, for the fused kernel, load it from the cache)
+    step(impl, args, mode)  # warm-up (and, for the fused kernel, compile it or load it from the cache)
     times = []
     for _ in range(repeats):
+        _sync(args)
         t = time.perf_counter()
         step(impl, args, mode)
+        _sync(args)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-
-def peak_extra_bytes(shape, impl, mode):
-    """In this (fresh) process: resident high-water mark of one call above the resident size just before it,
-    and the bytes of its results (output, upstream gradient, gradients), which any implementation must hold."""
-    step(impl, make_inputs("tiny"), mode)  # load kernels and torch's lazy state first
-    args = make_inputs(shape)
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM to the current resident size
-        f.write("5")
-    before = _status_kb("VmRSS")
+def cuda_peak_extra_bytes(impl, args, mode):
+    """torch's allocator high-water mark during one call above its level just before, and the result bytes."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     result_bytes = step(impl, args, mode)
-    return (_status_kb("VmHWM") - before) * 1024, result_bytes
-
-
-def measure_in_subprocess(*argv, env=None):
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
-                         env=env, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def first_call_seconds():
-    """Wall time of the first fused forward + backward of this process (compile or cache load included)."""
-    args = make_inputs("tiny")
-    t = time.perf_counter()
-    step("fused", args, "fwd+bwd")
-    first = time.perf_counter() - t
-    return first - median_seconds("fused", args, "fwd+bwd", 5)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before, result_bytes
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run both")
     parser.add_argument("--memory", nargs=3, metavar=("SHAPE", "IMPL", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--first-call", action="store_true", help=argparse.SUPPRESS)
     a = parser.parse_args()
@@ -120,30 +107,39 @@ def main():
         print(json.dumps(first_call_seconds()))
         return
 
-    with tempfile.TemporaryDirectory() as cache:  # compile cost: empty numba cache, then a second process
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-        compile_s, cached_s = (measure_in_subprocess("--first-call", env=env) for _ in range(2))
-
-    print(f"MSDA core, float32, CPU: {os.cpu_count()} cores, torch {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f} at start; median of {a.repeats} runs")
+    cuda = a.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit("bench_mmfs.py: --device cuda, but torch sees no CUDA device")
+    if cuda:
+        print(f"MSDA core, float32, {torch.cuda.get_device_name()}: median of {a.repeats} runs")
+    else:
+        with tempfile.TemporaryDirectory() as cache:  # compile cost: empty numba cache, then a second process
+            env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+            compile_s, cached_s = (measure_in_subprocess("--first-call", env=env) for _ in range(2))
+        print(f"MSDA core, float32, CPU: {os.cpu_count()} cores, torch {torch.get_num_threads()} threads, "
+              f"load average {os.getloadavg()[0]:.1f} at start; median of {a.repeats} runs")
     cols = ["shape", "pass", "reference ms", "fused ms", "speed-up", "ref peak MB", "fused peak MB", "peak ratio",
             "ref workspace MB", "fused workspace MB"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("-" * (len(c) + 2) for c in cols) + "|")
     for shape in SHAPES:
-        args = make_inputs(shape)
+        args = [t.cuda() for t in make_inputs(shape)] if cuda else make_inputs(shape)
         for mode in MODES:
             t = {impl: median_seconds(impl, args, mode, a.repeats) for impl in IMPLS}
-            mem = {impl: measure_in_subprocess("--memory", shape, impl, mode, env=MALLOC_ENV) for impl in IMPLS}
+            if cuda:  # one process: the allocator's statistics are exact per call
+                mem = {impl: cuda_peak_extra_bytes(impl, args, mode) for impl in IMPLS}
+            else:
+                mem = {impl: measure_in_subprocess("--memory", shape, impl, mode, env=MALLOC_ENV) for impl in IMPLS}
             peak = {impl: mem[impl][0] / 2**20 for impl in IMPLS}
             work = {impl: max(0, mem[impl][0] - mem[impl][1]) / 2**20 for impl in IMPLS}  # peak beyond the results
             ratio = f"1/{peak['reference'] / peak['fused']:.1f}" if peak["fused"] > 0 else "n/a"
-            row = [shape, mode, f"{t['reference'] * 1e3:.2f}", f"{t['fused'] * 1e3:.2f}",
+            row = [shape, mode, f"{t['reference'] * 1e3:.3f}", f"{t['fused'] * 1e3:.3f}",
                    f"{t['reference'] / t['fused']:.1f}x", f"{peak['reference']:.1f}", f"{peak['fused']:.1f}", ratio,
                    f"{work['reference']:.1f}", f"{work['fused']:.1f}"]
             print("| " + " | ".join(f"{v:>{len(c)}}" for v, c in zip(row, cols)) + " |")
-    print(f"fused first call (fwd+bwd, tiny) beyond a warm call: {compile_s:.1f} s with an empty numba cache, "
-          f"{cached_s:.2f} s in a second process (cache hit); load average now {os.getloadavg()[0]:.1f}")
+    if not cuda:
+        print(f"fused first call (fwd+bwd, tiny) beyond a warm call: {compile_s:.1f} s with an empty numba cache, "
+              f"{cached_s:.2f} s in a second process (cache hit); load average now {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -183,6 +183,10 @@ def _cpu_backward(value, shapes, starts, loc, attn, grad_out, grad_value, grad_l
 def _cuda_kernels(ft):
     """Compile-on-first-launch CUDA (forward, backward) for the float type ft."""
     global cuda  # a module global, so the simulator can swap in its fake `cuda` while a kernel runs
+    if not hasattr(np, "row_stack"):
+        # numba-cuda (0.30.4 and older) registers an overload of np.row_stack when it compiles its first kernel;
+        # NumPy 2.5 removed that alias of np.vstack, so every compile would fail with an AttributeError
+        np.row_stack = np.vstack
     from numba import cuda
 
     device = cuda.jit(device=True)
@@ -286,7 +290,8 @@ def _launch(target, which, n, tensors):
     device = tensors[0].device
     with cuda.gpus[device.index if device.index is not None else torch.cuda.current_device()]:
         stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)  # stay ordered with torch
-        arrays = [cuda.as_cuda_array(t, sync=False) for t in tensors]
+        # detach: torch refuses __cuda_array_interface__ on tensors that require grad (autograd is off in here)
+        arrays = [cuda.as_cuda_array(t.detach(), sync=False) for t in tensors]
         kernel[blocks, _CUDA_THREADS, stream](*arrays)
 
 

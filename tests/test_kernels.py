@@ -234,6 +234,44 @@ def test_bad_input_names_the_argument(defect):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# CUDA kernels on a real GPU (skipped without one; CI has none: these ran on a lent H200, see the README)
+
+GPU = torch.cuda.is_available()
+
+
+def on_gpu(*args):
+    """msda_fused on CUDA copies of the five arguments (the numba CUDA kernels), the output back on the CPU."""
+    return msda_fused(*(t.cuda() for t in args)).cpu()
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@settings(deadline=None, max_examples=60)
+@given(case=cases(), dtype=st.sampled_from(list(TOL)))
+def test_gpu_matches_reference(case, dtype):
+    check_against_reference(on_gpu, case, dtype)
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_gpu_huge_border_locations_and_the_mmfs_dispatch(monkeypatch):
+    """Far-off and border coordinates stay finite on the GPU, and MMFS's "auto" backend takes the kernel there."""
+    import mmfs
+
+    assert supports(torch.zeros(1, device="cuda"))
+    case = dict(B=2, Q=33, M=4, D=32, shapes=[(16, 16), (8, 8), (1, 1)], P=8, seed=2)
+    inputs = make_inputs(case, torch.float32)
+    far = inputs[3] * 1e6  # mostly off every map: skipped samples, zero gradients
+    for loc in (inputs[3], far):
+        args = (*inputs[:3], loc, inputs[4])
+        got = run(on_gpu, args)
+        assert all(torch.isfinite(t).all() for t in got)
+        assert_matches(got, run(msda_reference, [t.double() if t.is_floating_point() else t for t in args]), args,
+                       TOL[torch.float32], 1e-4)
+    cuda_args = [t.cuda() for t in inputs]
+    monkeypatch.setattr(mmfs, "BACKEND", "auto")
+    torch.testing.assert_close(mmfs.msda(*cuda_args), msda_fused(*cuda_args), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # CUDA kernels in numba's simulator (the simulator must be switched on before numba.cuda is imported: subprocess)
 
 
