@@ -35,6 +35,7 @@ import and CUDA is never touched there: the CPU kernels compile on their first c
 Read bottom-up: per-sample maths, CPU kernels, CUDA kernels, launch, autograd Function, public functions.
 """
 import functools
+import warnings
 
 import numba
 import numpy as np
@@ -188,6 +189,9 @@ def _cuda_kernels(ft):
         # NumPy 2.5 removed that alias of np.vstack, so every compile would fail with an AttributeError
         np.row_stack = np.vstack
     from numba import cuda
+    # small calls (one decoded token, a tiny map) launch a few blocks by nature: numba's per-launch low-occupancy
+    # warning says nothing actionable there
+    warnings.filterwarnings("ignore", message=r".*Grid size \d+ will likely result in GPU under-utilization")
 
     device = cuda.jit(device=True)
     footprint, weights, grads = device(_footprint), device(_weights), device(_grads)
