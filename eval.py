@@ -8,7 +8,11 @@ detector and parser of data.py read the outputs back), then `evaluate`, the tabl
   1. captions: `<s><BoI><image>*K` with the story's first frame -> greedy text, first sentence vs the scene sentence;
   2. text-to-image: `<s>` scene sentence `<BoI>` -> a frame, the objects it names looked up by colour and shape;
   3. continuation: first frame, scene sentence, first event, `<BoI>` -> the next frame; centroid errors (px) of the
-     objects the event left alone and of the moved one against where the event put it (inf when missing).
+     objects the event left alone and of the moved one against where the event put it (inf when missing);
+  4. condition: does the UNet listen to the text at all? Each first frame is noised once per timestep and denoised
+     under its own scene sentence's condition and under the previous story's; the gap is 1 - own loss / other loss
+     (0: the text is ignored; it grows as the drawing follows the words). No sampling: cheap, and it moves long
+     before text-to-image accuracy does.
 Every story i < --n of the eval split is used, so two checkpoints see the same prompts and, since the diffusion
 noise comes from one CPU generator seeded per task from --seed, the same noise (per batch: --batch-size matters).
 The JSON holds the settings and per checkpoint its metrics: fractions in [0, 1], errors in px, null where no story
@@ -26,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import data
+import diffusion
 import weights
 from model import MMInterleaved
 
@@ -105,6 +110,42 @@ def continuation_task(model, tok, stories, args):
     return draw(model, prompts, images, args, args.seed + 1, "continuation")
 
 
+CONDITION_T = (100, 60, 30)  # timesteps of the condition check, in % of the schedule (T-1, 0.6 (T-1), 0.3 (T-1))
+
+
+@torch.no_grad()
+def condition_task(model, tok, stories, args):
+    """Per story and timestep: the diffusion loss of its first frame under its own condition and under the previous
+    story's (same noise) -> {"own": (n, len(CONDITION_T)), "other": ...} tensors."""
+    size, sched = model.cfg.image_size, model.cfg.schedule
+    prompts = [tok.encode(s.sentences[0]) + [tok.boi_id] for s in stories]
+    parts, conds = [], []
+    for p in chunks(list(range(len(stories))), args.batch_size):
+        cond, kw = model.prompt_conditions([prompts[i] for i in p], [torch.zeros(0, 3, size, size)] * len(p))
+        parts.append((p, kw))
+        conds.append(cond)
+    conds = torch.cat(conds)                                                               # (n, Q, ctx)
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    losses = {"own": [], "other": []}
+    for p, kw in parts:
+        frames = torch.stack([data.image_tensor(stories[i].images[0], size) for i in p])  # (B, 3, S, S)
+        x0 = model.to_diffusion_space(frames.to(conds.device)).to(conds.dtype)
+        own, other = conds[p], conds[[(i - 1) % len(stories) for i in p]]
+        row = {"own": [], "other": []}
+        for pct in CONDITION_T:
+            t = torch.full((len(p),), round(pct / 100 * (sched.num_train_timesteps - 1)), device=x0.device)
+            noise = torch.randn(x0.shape, generator=gen).to(x0)
+            xt = diffusion.q_sample(x0, t, noise, sched)
+            target = diffusion.training_target(x0, noise, t, sched)
+            for name, cond in (("own", own), ("other", other)):
+                pred = model.unet_forward(xt, t, cond, **kw)
+                row[name].append((pred.float() - target.float()).pow(2).flatten(1).mean(1).cpu())  # (B,)
+        for name in losses:
+            losses[name].append(torch.stack(row[name], 1))                                # (B, len(CONDITION_T))
+    log(f"  condition {len(stories)}/{len(stories)}")
+    return {name: torch.cat(v) for name, v in losses.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # scoring: outputs in, metrics out (no model needed)
 
@@ -149,11 +190,18 @@ def score_continuations(stories, frames):
     return out
 
 
+def score_condition(stories, losses):
+    """Per timestep: 1 - mean own-condition loss / mean other-condition loss (> 0: the right text helps)."""
+    own, other = losses["own"].double().mean(0), losses["other"].double().mean(0)         # (len(CONDITION_T),)
+    return {f"cond_gap_t{pct}": float(1 - own[k] / other[k]) for k, pct in enumerate(CONDITION_T)}
+
+
 def evaluate(model, tok, stories, args):
-    """All three tasks on one model -> (metrics, outputs); outputs keep the captions and frames for pictures."""
+    """All four tasks on one model -> (metrics, outputs); outputs keep the captions and frames for pictures."""
     metrics, outputs = {}, {}
     for name, task, score in (("captions", caption_task, score_captions), ("t2i", t2i_task, score_t2i),
-                              ("continuation", continuation_task, score_continuations)):
+                              ("continuation", continuation_task, score_continuations),
+                              ("condition", condition_task, score_condition)):
         t0 = time.time()
         log(f"{name}:")
         outputs[name] = task(model, tok, stories, args)
@@ -178,6 +226,9 @@ ROWS = [  # (key, label, as a percentage?)
     ("appeared_ok", "continuation: appeared right", True),
     ("gone_ok", "continuation: disappeared right", True),
     ("cont_extra", "continuation: extra objects / frame", False),
+    ("cond_gap_t100", "condition: loss gap vs other text, t=T", True),
+    ("cond_gap_t60", "condition: loss gap vs other text, t=0.6T", True),
+    ("cond_gap_t30", "condition: loss gap vs other text, t=0.3T", True),
 ]
 
 

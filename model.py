@@ -417,14 +417,13 @@ class MMInterleaved(nn.Module):
                                 temperature=temperature, top_p=top_p, generator=generator, head=head)
 
     @torch.no_grad()
-    def generate_images(self, prompts, images, steps=20, guidance=3.0, sampler="ddim", generator=None,
-                        callback=None):
-        """Draw the image each prompt ends in: prompts is a list of id lists, each ending with <BoI>; images[b] the
-        given images of prompt b (n_b, 3, S, S) in [0, 1]. One LLM pass gives the condition, then DDPM/DDIM with
-        CFG, MMFS reading the previous image of the segment -> (B, 3, image_size, image_size) in [0, 1]."""
-        ids, c = self.cfg.ids, self.cfg
+    def prompt_conditions(self, prompts, images):
+        """One LLM pass over prompts that each end with <BoI> (id lists; images[b] the given images of prompt b,
+        (n_b, 3, S, S) in [0, 1]) -> the UNet condition of each final <BoI> (B, Q, ctx) and the UNet's MMFS inputs
+        (the previous image of its segment) as keyword arguments of unet_forward."""
+        ids = self.cfg.ids
         if any(not p or p[-1] != ids["boi"] for p in prompts):
-            raise ValueError("generate_images: every prompt must end with <BoI>")
+            raise ValueError("every prompt must end with <BoI>")
         B, T = len(prompts), max(map(len, prompts))
         dev = self.soi_token.device
         tokens = torch.full((B, T), ids["pad"], dtype=torch.long, device=dev)
@@ -437,19 +436,31 @@ class MMInterleaved(nn.Module):
         ends = torch.tensor([len(p) - 1 for p in prompts], device=dev)
         rows, cols, start, prev = self.image_index(tokens, [k + 1 for k in per_row])
         target = (cols == ends[rows]).nonzero().squeeze(1)                                  # (B,) image indices
-        cond, _ = self.image_condition(h, rows[target], cols[target], start[target])
+        cond, _ = self.image_condition(h, rows[target], cols[target], start[target])     # (B, Q, ctx)
         prev_t = prev[target]
         # image_index counted the targets too: each earlier row added one, so subtract the row to index `flat`
         feats, fmask = self.previous_features(pyramid, torch.where(prev_t >= 0, prev_t - rows[target], -1))
+        return cond, (dict(mmfs_features=feats, mmfs_mask=fmask) if feats is not None else {})
+
+    @torch.no_grad()
+    def generate_images(self, prompts, images, steps=20, guidance=3.0, sampler="ddim", generator=None,
+                        callback=None):
+        """Draw the image each prompt ends in (prompts and images as prompt_conditions takes them): one LLM pass
+        gives the condition, then DDPM/DDIM with CFG, MMFS reading the previous image of the segment
+        -> (B, 3, image_size, image_size) in [0, 1]."""
+        c = self.cfg
+        try:
+            cond, unet_kw = self.prompt_conditions(prompts, images)
+        except ValueError as e:
+            raise ValueError(f"generate_images: {e}") from None
         side = c.image_size // (8 if self.vae is not None else 1)
-        shape = (B, c.unet.in_channels, side, side)
-        unet_kw = dict(mmfs_features=feats, mmfs_mask=fmask) if feats is not None else {}
+        shape = (len(prompts), c.unet.in_channels, side, side)
         if guidance == 1:
             model_fn = lambda x, t: self.unet_forward(x, t, cond, **unet_kw)  # noqa: E731
         else:
             model_fn = diffusion.cfg_model(self.unet_forward, cond, self.neg_prompt_embeds.to(cond.dtype), **unet_kw)
         x = diffusion.sample(model_fn, shape, c.schedule, steps, sampler, guidance=guidance, generator=generator,
-                             callback=callback, device=dev, dtype=cond.dtype)
+                             callback=callback, device=cond.device, dtype=cond.dtype)
         return self.from_diffusion_space(x)
 
     # ---------------------------------------------------------------------------------------------- checkpoints

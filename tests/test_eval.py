@@ -14,14 +14,16 @@ import torch
 from PIL import Image
 
 import data
+import diffusion
 from model import MMInterleaved
 
 ev = importlib.import_module("eval")  # `import eval` would shadow the builtin
 ROOT = Path(__file__).resolve().parent.parent
 FRACTIONS = ["caption_exact", "caption_objects", "t2i_objects", "t2i_exact", "unmoved_found", "moved_found",
              "appeared_ok", "gone_ok"]
-KEYS = set(FRACTIONS) | {"t2i_extra", "unmoved_median_px", "unmoved_count", "moved_median_px", "moved_count",
-                         "cont_extra"}
+GAPS = ["cond_gap_t100", "cond_gap_t60", "cond_gap_t30"]
+KEYS = set(FRACTIONS) | set(GAPS) | {"t2i_extra", "unmoved_median_px", "unmoved_count", "moved_median_px",
+                                     "moved_count", "cont_extra"}
 
 
 def _args(**kw):
@@ -40,7 +42,8 @@ class FakeModel(torch.nn.Module):
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(1))  # eval reads the device off the parameters
         # only what eval reads of a config
-        self.cfg = argparse.Namespace(num_image_tokens=4, image_size=32, llm=argparse.Namespace(max_seq_len=512))
+        self.cfg = argparse.Namespace(num_image_tokens=4, image_size=32, llm=argparse.Namespace(max_seq_len=512),
+                                      schedule=diffusion.PRESETS["small"])
         self.tok, self.blank = tok, blank
         k = self.cfg.num_image_tokens
         self.caption = {data.to_tensor(s.images[0]).numpy().tobytes(): s.sentences[0] + " " + s.sentences[1]
@@ -61,6 +64,16 @@ class FakeModel(torch.nn.Module):
         out = torch.stack([data.to_tensor(self.frames[tuple(p)]) for p in prompts])  # (B, 3, S, S)
         return torch.ones_like(out) if self.blank else out
 
+    # the condition check: a different condition per prompt, and a UNet that ignores it
+    def prompt_conditions(self, prompts, images):
+        return torch.tensor([[[len(p), sum(p)]] for p in prompts], dtype=torch.float32), {}
+
+    def to_diffusion_space(self, frames):
+        return frames * 2 - 1
+
+    def unet_forward(self, x, t, cond):
+        return torch.zeros_like(x)
+
 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoint):
@@ -79,6 +92,7 @@ def test_scoring_ground_truth_is_perfect(loaded):
     assert metrics["unmoved_median_px"] == 0.0 and metrics["moved_median_px"] == 0.0
     assert metrics["unmoved_count"] > 0 and metrics["moved_count"] > 0
     assert metrics["t2i_extra"] == 0.0 and metrics["cont_extra"] == 0.0
+    assert all(metrics[k] == 0.0 for k in GAPS)  # this UNet ignores the text: no gap
 
 
 def test_scoring_blank_frames_fail(loaded):
@@ -98,6 +112,21 @@ def test_tasks_are_seeded(loaded):
     assert a[0].dtype == np.uint8 and a[0].shape == (32, 32, 3)
     assert np.array_equal(a[0], ev.t2i_task(model, tok, stories, _args(seed=0))[0])
     assert not np.array_equal(a[0], ev.t2i_task(model, tok, stories, _args(seed=1))[0])
+
+
+def test_condition_check(loaded):
+    """The gap is 0 (up to float noise, ~2e-8 across batches) when every story has the same text; seeded; and on
+    real stories well clear of that noise (~1e-5 after two training steps), since the condition reaches the UNet."""
+    model, tok = loaded
+    stories = _stories(6)
+    same = ev.score_condition(None, ev.condition_task(model, tok, [stories[0]] * 4, _args(batch_size=3)))
+    assert set(same) == set(GAPS) and all(abs(v) < 1e-6 for v in same.values()), same
+    a = ev.condition_task(model, tok, stories, _args(batch_size=4))
+    b = ev.condition_task(model, tok, stories, _args(batch_size=4))
+    assert a["own"].shape == (6, len(ev.CONDITION_T)) and torch.equal(a["own"], b["own"])
+    assert torch.isfinite(a["own"]).all() and torch.isfinite(a["other"]).all()
+    gaps = ev.score_condition(stories, a)
+    assert all(abs(v) > 1e-6 for v in gaps.values()), gaps
 
 
 def test_first_sentence():
