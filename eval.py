@@ -116,7 +116,7 @@ CONDITION_T = (100, 60, 30)  # timesteps of the condition check, in % of the sch
 @torch.no_grad()
 def condition_task(model, tok, stories, args):
     """Per story and timestep: the diffusion loss of its first frame under its own condition and under the previous
-    story's (same noise) -> {"own": (n, len(CONDITION_T)), "other": ...} tensors."""
+    story's (same noise; with one story that is itself) -> {"own": (n, len(CONDITION_T)), "other": ...} tensors."""
     size, sched = model.cfg.image_size, model.cfg.schedule
     prompts = [tok.encode(s.sentences[0]) + [tok.boi_id] for s in stories]
     parts, conds = [], []

@@ -423,7 +423,7 @@ class MMInterleaved(nn.Module):
         (the previous image of its segment) as keyword arguments of unet_forward."""
         ids = self.cfg.ids
         if any(not p or p[-1] != ids["boi"] for p in prompts):
-            raise ValueError("every prompt must end with <BoI>")
+            raise ValueError("every prompt must end with <BoI> (the image to draw)")
         B, T = len(prompts), max(map(len, prompts))
         dev = self.soi_token.device
         tokens = torch.full((B, T), ids["pad"], dtype=torch.long, device=dev)
@@ -449,10 +449,7 @@ class MMInterleaved(nn.Module):
         gives the condition, then DDPM/DDIM with CFG, MMFS reading the previous image of the segment
         -> (B, 3, image_size, image_size) in [0, 1]."""
         c = self.cfg
-        try:
-            cond, unet_kw = self.prompt_conditions(prompts, images)
-        except ValueError as e:
-            raise ValueError(f"generate_images: {e}") from None
+        cond, unet_kw = self.prompt_conditions(prompts, images)
         side = c.image_size // (8 if self.vae is not None else 1)
         shape = (len(prompts), c.unet.in_channels, side, side)
         if guidance == 1:
