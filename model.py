@@ -472,9 +472,7 @@ class MMInterleaved(nn.Module):
                            metadata={"config": json.dumps(self.cfg.to_dict())})
         src, dst = Path(tokenizer_path), directory / "tokenizer.model"
         if src.resolve() != dst.resolve():
-            tmp = dst.with_name(dst.name + ".tmp")
-            tmp.write_bytes(src.read_bytes())
-            tmp.replace(dst)
+            weights.atomic_write_bytes(dst, src.read_bytes())
 
     @classmethod
     def from_components(cls, clip_dir, llm_dir, sd_dir, dtype=None, **overrides):

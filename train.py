@@ -131,8 +131,7 @@ if master and not args.resume:
         src = Path(parts["llm"]) / "tokenizer.model"
         if not src.is_file():
             fail(f"{src}: not found (the --llm directory needs its sentencepiece tokenizer.model)")
-        (out / "tokenizer.tmp").write_bytes(src.read_bytes())
-        os.replace(out / "tokenizer.tmp", tok_path)
+        weights.atomic_write_bytes(tok_path, src.read_bytes())
     else:
         texts = (data.story_corpus(S.corpus, S.seed) if not S.data else
                  [s["text"] for doc in data.read_jsonl(S.data) for s in doc if "text" in s])

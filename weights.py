@@ -145,11 +145,20 @@ def save_state(state, path, metadata=None):
         raise
 
 
-def atomic_write_text(path, text):
-    """Write a small text/JSON file atomically (used for configs and training state)."""
+def _atomic_write(path, data, mode):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    with os.fdopen(fd, mode) as f:
+        f.write(data)
     os.replace(tmp, path)
+
+
+def atomic_write_text(path, text):
+    """Write a small text/JSON file atomically (used for configs and training state)."""
+    _atomic_write(path, text, "w")
+
+
+def atomic_write_bytes(path, data):
+    """Write a small binary file atomically (a tokenizer.model copied into a run or a checkpoint)."""
+    _atomic_write(path, data, "wb")
