@@ -18,6 +18,7 @@ visibility) is derived from the token ids, so a hand-built sequence needs no ext
 """
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,10 @@ class MMConfig:
     # small recipe: one more condition token, the mean of the projected context states, which also joins the UNet's
     # time embedding: a direct path past the decoder Q-Former, whose from-scratch outputs barely vary with the prompt
     pooled_condition: bool = False
+    # small recipe: each of the K visual tokens also gets a linear view of one cell of the neck's token grid, pooled
+    # to √K × √K: a direct image path past the visual Q-Former, which from scratch is the slowest path to learn to
+    # read (bench/probe_visual.py)
+    pooled_visual: bool = False
     freeze_pretrained: bool = True  # paper: freeze CLIP, the LLM (not its MMFS blocks) and the VAE, as the authors
     # special ids of the tokenizer (the paper's are Vicuna's); <BoI> and <image> are the last two ids, llm.vocab_size-2/-1
     bos_id: int = 1
@@ -165,6 +170,16 @@ class MMInterleaved(nn.Module):
         self.vit = parts["vit"] if "vit" in parts else vit_lib.ViTAdapter(c.vit)
         self.neck = Neck(c.vit.hidden_size, c.vit.grid)
         self.resampler = resampler_lib.Resampler(c.resampler)
+        self.pooled_visual_proj = None
+        if c.pooled_visual:
+            side = math.isqrt(c.num_image_tokens)
+            if side * side != c.num_image_tokens or c.vit.grid % side:
+                raise ValueError(f"MMConfig: pooled_visual needs a square number of visual tokens whose side divides "
+                                 f"the ViT grid {c.vit.grid}, got {c.num_image_tokens}")
+            self.pooled_visual_proj = nn.Linear(c.vit.hidden_size, c.llm.dim)
+            # N(0, 0.02) as the Q-Former's Linears; the Q-Former's own proj starts at 1e-3, so this path leads early
+            nn.init.normal_(self.pooled_visual_proj.weight, std=c.resampler.initializer_range)
+            nn.init.zeros_(self.pooled_visual_proj.bias)
         self.llm = parts["llm"] if "llm" in parts else llm_lib.LLaMA(c.llm)
         self.soi_token = nn.Parameter(torch.zeros(c.llm.dim))  # added to every <BoI> embedding; 0 at init (§3.2)
         # a frozen pretrained LLM keeps its lm_head and learns only the 2 new logits (§3.3); from scratch, it learns all
@@ -217,7 +232,14 @@ class MMInterleaved(nn.Module):
         if images.shape[-1] != size or images.shape[-2] != size:
             images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
         tokens, pyramid = self.vit(images)                                                 # (n, 1+N, D), [...]
-        return self.resampler(self.neck(tokens)), pyramid
+        neck = self.neck(tokens)                                                           # (n, 1+g², D)
+        visual = self.resampler(neck)                                                      # (n, K, dim)
+        if self.pooled_visual_proj is not None:  # + one linear token per cell of a √K × √K grid, row-major
+            n, g, side = neck.shape[0], self.cfg.vit.grid, math.isqrt(visual.shape[1])
+            grid = neck[:, 1:].transpose(1, 2).reshape(n, -1, g, g)                        # (n, D, g, g)
+            cells = F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)           # (n, K, D)
+            visual = visual + self.pooled_visual_proj(cells)                               # (n, K, dim)
+        return visual, pyramid
 
     def _pyramid_levels(self, pyramid, sizes):
         """The pyramid maps whose side is in `sizes`, in that order (the LLM reads 3 of the 4 levels, §0)."""

@@ -105,6 +105,42 @@ def test_pooled_condition_token_is_the_mean_context_state():
     assert (cond[0, -1] - cond[1, -1]).abs().max() > 1e-3  # another prompt, another pooled token
 
 
+def pooled_visual_tiny():
+    cfg = M.preset("tiny", pooled_visual=True)
+    cfg.llm = dataclasses.replace(cfg.llm, vocab_size=VOCAB)
+    cfg.resampler = dataclasses.replace(cfg.resampler, num_queries=4)  # a 2 × 2 grid of cells over the 4 × 4 tokens
+    torch.manual_seed(0)
+    return M.MMInterleaved(cfg)
+
+
+def test_pooled_visual_adds_one_linear_token_per_grid_cell():
+    net = pooled_visual_tiny()
+    assert net.cfg.vit.grid == 4 and net.cfg.num_image_tokens == 4
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        visual, _ = net.encode_images(images)                                            # (3, 4, dim)
+        tokens, _ = net.vit(images)
+        neck = net.neck(tokens)[:, 1:].reshape(3, 4, 4, -1)                              # (3, row, col, D), no CLS
+        for cell, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):  # row-major, as the tokens go
+            mean = neck[:, 2 * r:2 * r + 2, 2 * c:2 * c + 2].mean((1, 2))                 # (3, D)
+            want = net.resampler(net.neck(tokens))[:, cell] + net.pooled_visual_proj(mean)
+            torch.testing.assert_close(visual[:, cell], want, rtol=1e-5, atol=1e-6)
+        # the cells see different parts of the image: the tokens differ from each other and across images
+        assert (visual[:, 0] - visual[:, 3]).abs().max() > 1e-3
+        assert (visual[0] - visual[1]).abs().max() > 1e-3
+    # the flag travels with the config (checkpoints store it), and the weights load strictly into a rebuilt model
+    back = M.MMInterleaved(M.MMConfig.from_dict(net.cfg.to_dict()))
+    assert back.cfg.pooled_visual and back.pooled_visual_proj is not None
+    back.load_state_dict(net.state_dict(), strict=True)
+    assert not tiny().cfg.pooled_visual and tiny().pooled_visual_proj is None  # off unless asked for
+
+
+def test_pooled_visual_needs_a_square_token_count():
+    cfg = M.preset("tiny", pooled_visual=True)  # 8 visual tokens: not a square grid
+    with pytest.raises(ValueError, match="pooled_visual"):
+        M.MMInterleaved(cfg)
+
+
 def test_segment_opening_images_get_no_diffusion_loss(net):
     # every image directly follows <s>: context [<s>, <BoI>], length 2 -> no loss (§5.4), text loss still there
     r0 = [BOS] + image_run() + [10, 11, EOS, BOS] + image_run() + [12, EOS]
