@@ -470,18 +470,31 @@ def match(expected, detected, keys=("colour", "shape")):
     return sorted(pairs)
 
 
+ATTRIBUTES = ("colour", "shape", "size")
+
+
 def score_caption(generated, truth):
-    """Compare a generated sentence with the true one: exact (same meaning) and, for scenes, objects right."""
+    """Compare a generated sentence with the true one: exact (same meaning) and, for scenes, objects right, and per
+    attribute how many true objects the caption gives the right colour / shape / size at their place (a place holds
+    one object; an object whose place the caption does not name has every attribute wrong)."""
     want = parse(truth)
     try:
         got = parse(generated)
     except ValueError:
         got = None
     if isinstance(want, Event):
-        return {"exact": got == want, "n_true": 1, "n_correct": int(got == want), "n_pred": int(got is not None)}
+        ok = int(got == want)
+        return {"exact": got == want, "n_true": 1, "n_correct": ok, "n_pred": int(got is not None),
+                **{f"n_{a}": ok for a in ATTRIBUTES}}
     got = got if isinstance(got, list) else []
     correct = sum((Counter(got) & Counter(want)).values())
-    return {"exact": Counter(got) == Counter(want), "n_true": len(want), "n_correct": correct, "n_pred": len(got)}
+    at = {}
+    for o in reversed(got):  # the first object the caption names at a place is the one that counts
+        at[o.place] = o
+    attrs = {f"n_{a}": sum(o.place in at and getattr(at[o.place], a) == getattr(o, a) for o in want)
+             for a in ATTRIBUTES}
+    return {"exact": Counter(got) == Counter(want), "n_true": len(want), "n_correct": correct, "n_pred": len(got),
+            **attrs}
 
 
 def score_text_to_image(sentence, frame):

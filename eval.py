@@ -5,7 +5,8 @@
 
 Read top-down: the three tasks, each split into generation (needs the model) and scoring (pure: the deterministic
 detector and parser of data.py read the outputs back), then `evaluate`, the table / JSON / image writers, `main`.
-  1. captions: `<s><BoI><image>*K` with the story's first frame -> greedy text, first sentence vs the scene sentence;
+  1. captions: `<s><BoI><image>*K` with the story's first frame -> greedy text, first sentence vs the scene sentence
+     (exact, objects right, and colour / shape / size right at each object's place);
   2. text-to-image: `<s>` scene sentence `<BoI>` -> a frame, the objects it names looked up by colour and shape;
   3. continuation: first frame, scene sentence, first event, `<BoI>` -> the next frame; centroid errors (px) of the
      objects the event left alone and of the moved one against where the event put it (inf when missing);
@@ -161,10 +162,11 @@ def median(errs):
 
 
 def score_captions(stories, captions):
-    """Exact-caption accuracy and the fraction of true objects the captions name right."""
+    """Exact-caption accuracy, the fraction of true objects the captions name right, and per attribute."""
     r = [data.score_caption(c, s.sentences[0]) for s, c in zip(stories, captions)]
-    return {"caption_exact": rate(x["exact"] for x in r),
-            "caption_objects": sum(x["n_correct"] for x in r) / sum(x["n_true"] for x in r)}
+    n = sum(x["n_true"] for x in r)
+    return {"caption_exact": rate(x["exact"] for x in r), "caption_objects": sum(x["n_correct"] for x in r) / n,
+            **{f"caption_{a}": sum(x[f"n_{a}"] for x in r) / n for a in data.ATTRIBUTES}}
 
 
 def score_t2i(stories, frames):
@@ -216,6 +218,9 @@ def evaluate(model, tok, stories, args):
 ROWS = [  # (key, label, as a percentage?)
     ("caption_exact", "caption: exact sentence", True),
     ("caption_objects", "caption: objects right", True),
+    ("caption_colour", "caption: colour right (by place)", True),
+    ("caption_shape", "caption: shape right (by place)", True),
+    ("caption_size", "caption: size right (by place)", True),
     ("t2i_objects", "text->image: objects found (colour, shape)", True),
     ("t2i_exact", "text->image: objects exact (+ size, place)", True),
     ("t2i_extra", "text->image: extra objects / frame", False),

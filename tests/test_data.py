@@ -255,10 +255,19 @@ def test_score_caption():
              "a big black triangle at the right.")
     shuffled = ("there are a small blue square at the centre, a big black triangle at the right and "
                 "a big red circle at the top left.")
-    assert D.score_caption(shuffled, truth) == {"exact": True, "n_true": 3, "n_correct": 3, "n_pred": 3}
+    all3 = dict(n_colour=3, n_shape=3, n_size=3)
+    assert D.score_caption(shuffled, truth) == {"exact": True, "n_true": 3, "n_correct": 3, "n_pred": 3, **all3}
     one_off = truth.replace("small blue", "big blue")
-    assert D.score_caption(one_off, truth) == {"exact": False, "n_true": 3, "n_correct": 2, "n_pred": 3}
-    assert D.score_caption("gibberish", truth)["n_correct"] == 0
+    assert D.score_caption(one_off, truth) == {"exact": False, "n_true": 3, "n_correct": 2, "n_pred": 3,
+                                               "n_colour": 3, "n_shape": 3, "n_size": 2}
+    # per attribute at each true object's place: a wrong shape at the top left, the centre object at another place
+    moved = truth.replace("red circle", "red square").replace("at the centre", "at the bottom")
+    assert D.score_caption(moved, truth) == {"exact": False, "n_true": 3, "n_correct": 1, "n_pred": 3,
+                                             "n_colour": 2, "n_shape": 1, "n_size": 2}
+    assert D.score_caption("there is a big red circle at the top left.", truth) == {
+        "exact": False, "n_true": 3, "n_correct": 1, "n_pred": 1, "n_colour": 1, "n_shape": 1, "n_size": 1}
+    assert D.score_caption("gibberish", truth) == {"exact": False, "n_true": 3, "n_correct": 0, "n_pred": 0,
+                                                   "n_colour": 0, "n_shape": 0, "n_size": 0}
     assert D.score_caption("the red circle moves up.", "the red circle moves up.")["exact"]
     assert not D.score_caption("the red circle moves down.", "the red circle moves up.")["exact"]
 
