@@ -56,9 +56,9 @@ class MMConfig:
     # small recipe: one more condition token, the mean of the projected context states, which also joins the UNet's
     # time embedding: a direct path past the decoder Q-Former, whose from-scratch outputs barely vary with the prompt
     pooled_condition: bool = False
-    # small recipe: each of the K visual tokens also gets a linear view of one cell of the neck's token grid, pooled
-    # to √K × √K: a direct image path past the visual Q-Former, which from scratch is the slowest path to learn to
-    # read (bench/probe_visual.py)
+    # an experiment, off in every preset: each of the K visual tokens also gets a linear view of one cell of the
+    # neck's token grid pooled to √K × √K, a direct image path past the visual Q-Former, which from scratch is the
+    # slowest image path to learn to read (bench/probe_visual.py; README: it fixes colour but not shape)
     pooled_visual: bool = False
     freeze_pretrained: bool = True  # paper: freeze CLIP, the LLM (not its MMFS blocks) and the VAE, as the authors
     # special ids of the tokenizer (the paper's are Vicuna's); <BoI> and <image> are the last two ids, llm.vocab_size-2/-1
