@@ -149,9 +149,13 @@ def _atomic_write(path, data, mode):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, mode) as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:  # the old file stays as it was; leave no half-written temporary beside it
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path, text):

@@ -83,33 +83,31 @@ def build(variant):
     return net
 
 
-def batch(split, start, n, k):
+def batch(split, start, n, k, size):
     """n caption documents (stories start.. of a split) -> padded ids (n, T) and their first frames (n, 3, S, S)."""
-    stories = [data.make_story(split, args.seed, start + i) for i in range(n)]
+    stories = [data.make_story(split, args.seed, start + i, size) for i in range(n)]
     rows = [[tok.bos_id] + tok.image_tokens(k) + tok.encode(s.sentences[0], bos=False) + [tok.eos_id]
             for s in stories]
     ids = torch.full((n, max(map(len, rows))), tok.pad_id)
     for b, r in enumerate(rows):
         ids[b, :len(r)] = torch.tensor(r)
-    return ids, torch.stack([data.image_tensor(s.images[0], 32) for s in stories])
+    return ids, torch.stack([data.image_tensor(s.images[0], size) for s in stories])
 
 
 def caption_ce(net, ids, images):
     """Mean cross-entropy of the sentence tokens (and </s>) given the image."""
-    k = net.cfg.num_image_tokens
     h, _ = net.hidden_states(ids, images, [1] * len(images))                             # (n, T, dim)
-    labels = net.text_labels(ids)                                                        # (n, T-1)
-    labels[:, :k + 1] = -100  # the <image> slots are ignored already; this also drops the <BoI> -> slot target
+    labels = net.text_labels(ids)  # (n, T-1): <s> -> <BoI> and every <image> target are ignored (§3.5)
     return F.cross_entropy(net.logits(h[:, :-1]).flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 results = {}
 for variant in args.variants:
     net = build(variant)
-    k = net.cfg.num_image_tokens
+    k, size = net.cfg.num_image_tokens, net.cfg.image_size
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99),
                             weight_decay=0.0)
-    eval_ids, eval_images = batch("eval", 0, 64, k)
+    eval_ids, eval_images = batch("eval", 0, 64, k, size)
     reads_at, t0 = None, time.time()
     for step in range(args.steps + 1):
         if step % args.every == 0 or step == args.steps:
@@ -126,7 +124,7 @@ for variant in args.variants:
                   f"gap {swapped - right:+.4f} ({time.time() - t0:.0f} s)", flush=True)
         if step == args.steps:
             break
-        ids, images = batch("train", step * args.batch_size, args.batch_size, k)
+        ids, images = batch("train", step * args.batch_size, args.batch_size, k, size)
         loss = caption_ce(net, ids, images)
         opt.zero_grad(set_to_none=True)
         loss.backward()

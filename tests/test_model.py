@@ -120,10 +120,11 @@ def test_pooled_visual_adds_one_linear_token_per_grid_cell():
     with torch.no_grad():
         visual, _ = net.encode_images(images)                                            # (3, 4, dim)
         tokens, _ = net.vit(images)
+        queried = net.resampler(net.neck(tokens))                                        # (3, 4, dim)
         neck = net.neck(tokens)[:, 1:].reshape(3, 4, 4, -1)                              # (3, row, col, D), no CLS
         for cell, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):  # row-major, as the tokens go
             mean = neck[:, 2 * r:2 * r + 2, 2 * c:2 * c + 2].mean((1, 2))                 # (3, D)
-            want = net.resampler(net.neck(tokens))[:, cell] + net.pooled_visual_proj(mean)
+            want = queried[:, cell] + net.pooled_visual_proj(mean)
             torch.testing.assert_close(visual[:, cell], want, rtol=1e-5, atol=1e-6)
         # the cells see different parts of the image: the tokens differ from each other and across images
         assert (visual[:, 0] - visual[:, 3]).abs().max() > 1e-3

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from weights import WeightsError, atomic_write_text, load_into, load_state, read_json, resolve, save_state
+from weights import (WeightsError, atomic_write_bytes, atomic_write_text, load_into, load_state, read_json, resolve,
+                     save_state)
 
 
 def tiny_state():
@@ -121,3 +122,12 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
     assert load_state(path)[1] == {"step": "1"}
     atomic_write_text(tmp_path / "state.json", "{}")
     assert (tmp_path / "state.json").read_text() == "{}"
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "tokenizer.model"
+    atomic_write_bytes(path, b"old")
+    with pytest.raises(TypeError):
+        atomic_write_bytes(path, "text is not bytes")  # fails inside the write, after the temporary exists
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.model"]
