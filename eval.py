@@ -170,11 +170,14 @@ def score_captions(stories, captions):
 
 
 def score_t2i(stories, frames):
-    """Named objects found by colour + shape, exact (size and place too), mean extra objects per frame."""
+    """Named objects found by colour + shape, exact (size and place too), mean extra objects per frame; and the
+    chance level: the objects of the previous story's sentence found in each frame (its own text never helps)."""
     r = [data.score_text_to_image(s.sentences[0], f) for s, f in zip(stories, frames)]
+    other = [data.score_text_to_image(stories[i - 1].sentences[0], f) for i, f in enumerate(frames)]
     n = sum(x["n"] for x in r)
     return {"t2i_objects": sum(x["found"] for x in r) / n, "t2i_exact": sum(x["exact"] for x in r) / n,
-            "t2i_extra": sum(x["extra"] for x in r) / len(r)}
+            "t2i_extra": sum(x["extra"] for x in r) / len(r),
+            "t2i_objects_other": sum(x["found"] for x in other) / sum(x["n"] for x in other)}
 
 
 def score_continuations(stories, frames):
@@ -224,6 +227,7 @@ ROWS = [  # (key, label, as a percentage?)
     ("t2i_objects", "text->image: objects found (colour, shape)", True),
     ("t2i_exact", "text->image: objects exact (+ size, place)", True),
     ("t2i_extra", "text->image: extra objects / frame", False),
+    ("t2i_objects_other", "text->image: found for another story's text", True),
     ("unmoved_median_px", "continuation: unmoved median error (px)", False),
     ("unmoved_found", "continuation: unmoved found", True),
     ("moved_median_px", "continuation: moved median error (px)", False),
@@ -231,9 +235,9 @@ ROWS = [  # (key, label, as a percentage?)
     ("appeared_ok", "continuation: appeared right", True),
     ("gone_ok", "continuation: disappeared right", True),
     ("cont_extra", "continuation: extra objects / frame", False),
-    ("cond_gap_t100", "condition: loss gap vs other text, t=T", True),
-    ("cond_gap_t60", "condition: loss gap vs other text, t=0.6T", True),
-    ("cond_gap_t30", "condition: loss gap vs other text, t=0.3T", True),
+    ("cond_gap_t100", "condition: loss gap vs other text, t=T-1", True),
+    ("cond_gap_t60", "condition: loss gap vs other text, t=0.6(T-1)", True),
+    ("cond_gap_t30", "condition: loss gap vs other text, t=0.3(T-1)", True),
 ]
 
 

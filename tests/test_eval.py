@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FRACTIONS = ["caption_exact", "caption_objects", "caption_colour", "caption_shape", "caption_size", "t2i_objects",
              "t2i_exact", "unmoved_found", "moved_found", "appeared_ok", "gone_ok"]
 GAPS = ["cond_gap_t100", "cond_gap_t60", "cond_gap_t30"]
-KEYS = set(FRACTIONS) | set(GAPS) | {"t2i_extra", "unmoved_median_px", "unmoved_count", "moved_median_px",
+KEYS = set(FRACTIONS) | set(GAPS) | {"t2i_extra", "t2i_objects_other", "unmoved_median_px", "unmoved_count", "moved_median_px",
                                      "moved_count", "cont_extra"}
 
 
@@ -92,6 +92,8 @@ def test_scoring_ground_truth_is_perfect(loaded):
     assert metrics["unmoved_median_px"] == 0.0 and metrics["moved_median_px"] == 0.0
     assert metrics["unmoved_count"] > 0 and metrics["moved_count"] > 0
     assert metrics["t2i_extra"] == 0.0 and metrics["cont_extra"] == 0.0
+    # the chance level: another story's objects are in a true frame only by coincidence
+    assert 0.0 <= metrics["t2i_objects_other"] < 0.5
     assert all(metrics[k] == 0.0 for k in GAPS)  # this UNet ignores the text: no gap
 
 
@@ -99,7 +101,7 @@ def test_scoring_blank_frames_fail(loaded):
     _, tok = loaded
     stories = _stories(8)
     metrics, _ = ev.evaluate(FakeModel(tok, stories, blank=True), tok, stories, _args())
-    assert metrics["t2i_objects"] == 0.0 and metrics["t2i_exact"] == 0.0
+    assert metrics["t2i_objects"] == 0.0 and metrics["t2i_exact"] == 0.0 and metrics["t2i_objects_other"] == 0.0
     assert metrics["unmoved_found"] == 0.0 and metrics["unmoved_median_px"] == math.inf
     assert ev.finite(metrics)["unmoved_median_px"] is None  # JSON has no inf
     assert metrics["caption_exact"] == 1.0  # the text side still answered with the truth
@@ -127,6 +129,17 @@ def test_condition_check(loaded):
     assert torch.isfinite(a["own"]).all() and torch.isfinite(a["other"]).all()
     gaps = ev.score_condition(stories, a)
     assert all(abs(v) > 1e-6 for v in gaps.values()), gaps
+
+
+def test_t2i_chance_level_scores_each_frame_against_the_previous_story():
+    stories = _stories(12)
+    frames = [s.images[0] for s in stories]
+    kinds = [{(o.colour, o.shape) for o in s.objects[0]} for s in stories]
+    # two stories with no (colour, shape) in common: the other story's text finds nothing in the true frame
+    a, b = next((i, j) for i in range(12) for j in range(12) if i != j and not kinds[i] & kinds[j])
+    assert ev.score_t2i([stories[a], stories[b]], [frames[a], frames[b]])["t2i_objects_other"] == 0.0
+    # the same story twice: the "other" text is the frame's own, so every object is found
+    assert ev.score_t2i([stories[a]] * 2, [frames[a]] * 2)["t2i_objects_other"] == 1.0
 
 
 def test_first_sentence():
