@@ -1,0 +1,113 @@
+"""How fast does the image decoder learn to draw what the text says? Text-to-image training from scratch, side by side.
+
+    python bench/probe_decoder.py [--variants v x0 eps] [--steps 300] [--batch-size 32] [--n 64]
+
+The decoder-side twin of probe_visual.py. Every variant starts from the same fresh `--small` model (same seed) and
+trains with the model's own loss (text CE + 10 × diffusion MSE) on the same batches of one kind of document only:
+`<s>` scene sentence `<BoI><image>×K</s>`, the text-to-image case. Then, on `--n` held-out stories, it draws each
+first frame from its sentence (eval.py's text-to-image task: DDIM, 20 steps, guidance 3) and reports
+
+  found    the named objects the detector finds by colour and shape (eval.py's "objects found");
+  chance   the same frames scored against the previous story's sentence: what a frame that ignores its text
+           scores (blank frames score 0, noisy blobs a few %, so "found" means little unless it clears this);
+  gap      eval.py's condition check at t = T-1 / 0.6(T-1) / 0.3(T-1): 1 - loss(own text) / loss(other text).
+
+The variants differ only in what the UNet predicts (diffusion.Schedule.prediction_type):
+
+  v    v-prediction, the small preset's choice;
+  x0   the clean image ("sample");
+  eps  the noise, as Stable Diffusion.
+
+Seconds per step on a 2-core CPU: 1.2-1.4; three variants of 300 steps take about 20 minutes with the evaluation.
+"""
+import argparse
+import dataclasses
+import importlib
+import math
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+import llm  # noqa: E402
+import model as M  # noqa: E402
+
+ev = importlib.import_module("eval")  # `import eval` would shadow the builtin
+PREDICTION = {"v": "v_prediction", "x0": "sample", "eps": "epsilon"}
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--variants", nargs="+", default=list(PREDICTION), choices=list(PREDICTION),
+                help="what the UNet predicts")
+ap.add_argument("--steps", type=int, default=300, help="optimiser steps per variant")
+ap.add_argument("--batch-size", type=int, default=32, help="text-to-image documents per step")
+ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant, no warm-up)")
+ap.add_argument("--n", type=int, default=64, help="held-out stories to draw and score")
+ap.add_argument("--seed", type=int, default=0, help="seeds the init, the training stories and the draws")
+args = ap.parse_args()
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+with tempfile.TemporaryDirectory() as tmp:  # the --small tokenizer, trained as train.py does
+    tok = llm.Tokenizer.train(data.story_corpus(2000, args.seed), os.path.join(tmp, "tok"), 400)
+
+
+def build(variant):
+    torch.manual_seed(args.seed)
+    cfg = M.preset("small", bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
+    cfg.schedule = dataclasses.replace(cfg.schedule, prediction_type=PREDICTION[variant])
+    return M.MMInterleaved(cfg)
+
+
+def batch(start, n, k, size):
+    """n text-to-image documents (training stories start..) -> padded ids (n, T) and their first frames."""
+    stories = [data.make_story("train", args.seed, start + i, size) for i in range(n)]
+    rows = [tok.encode(s.sentences[0]) + tok.image_tokens(k) + [tok.eos_id] for s in stories]
+    ids = torch.full((n, max(map(len, rows))), tok.pad_id)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+    return ids, torch.stack([data.image_tensor(s.images[0], size) for s in stories])
+
+
+held_out = [data.make_story("eval", args.seed, i) for i in range(args.n)]
+gen_args = argparse.Namespace(batch_size=32, steps=20, guidance=3.0, sampler="ddim", seed=args.seed)
+results = {}
+for variant in args.variants:
+    net = build(variant)
+    k, size = net.cfg.num_image_tokens, net.cfg.image_size
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99),
+                            weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed)  # timesteps, noise and CFG dropout
+    t0 = time.time()
+    for step in range(args.steps):
+        ids, images = batch(step * args.batch_size, args.batch_size, k, size)
+        out = net(ids, images, [1] * args.batch_size, generator=gen)
+        if not math.isfinite(out["loss"].item()):
+            sys.exit(f"probe_decoder.py: error: {variant}: non-finite loss at step {step}")
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == args.steps - 1:
+            print(f"{variant:>4} step {step:4d}: text {out['loss_txt'].item():.4f}, image {out['loss_img'].item():.4f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+    sps = (time.time() - t0) / max(args.steps, 1)
+    net.eval()
+    with torch.no_grad():
+        frames = ev.t2i_task(net, tok, held_out, gen_args)
+        scores = {**ev.score_t2i(held_out, frames),
+                  **ev.score_condition(held_out, ev.condition_task(net, tok, held_out, gen_args))}
+    results[variant] = (scores, sps)
+    print(f"{variant:>4}: found {100 * scores['t2i_objects']:.1f} %, chance {100 * scores['t2i_objects_other']:.1f} %",
+          flush=True)
+
+print(f"\nvariant | found | chance | extra / frame | gap t = T-1 / 0.6(T-1) / 0.3(T-1) | s/step")
+for variant, (s, sps) in results.items():
+    gaps = " / ".join(f"{100 * s[f'cond_gap_t{p}']:.1f}" for p in ev.CONDITION_T)
+    print(f"{variant:>7} | {100 * s['t2i_objects']:4.1f} % | {100 * s['t2i_objects_other']:5.1f} % | "
+          f"{s['t2i_extra']:13.2f} | {gaps:>33} % | {sps:.2f}")
