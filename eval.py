@@ -171,7 +171,8 @@ def score_captions(stories, captions):
 
 def score_t2i(stories, frames):
     """Named objects found by colour + shape, exact (size and place too), mean extra objects per frame; and the
-    chance level: the objects of the previous story's sentence found in each frame (its own text never helps)."""
+    chance level: the objects of the previous story's sentence found in each frame, which its own text cannot have
+    helped draw (with one story, that is its own sentence)."""
     r = [data.score_text_to_image(s.sentences[0], f) for s, f in zip(stories, frames)]
     other = [data.score_text_to_image(stories[i - 1].sentences[0], f) for i, f in enumerate(frames)]
     n = sum(x["n"] for x in r)

@@ -18,7 +18,7 @@ The variants differ only in what the UNet predicts (diffusion.Schedule.predictio
   x0   the clean image ("sample");
   eps  the noise, as Stable Diffusion.
 
-Seconds per step on a 2-core CPU: 1.2-1.4; three variants of 300 steps take about 20 minutes with the evaluation.
+Seconds per step on a 2-core CPU: 1.2-1.4; the three variants of 300 steps took 22 minutes with the evaluation.
 """
 import argparse
 import dataclasses
@@ -106,7 +106,7 @@ for variant in args.variants:
     print(f"{variant:>4}: found {100 * scores['t2i_objects']:.1f} %, chance {100 * scores['t2i_objects_other']:.1f} %",
           flush=True)
 
-print(f"\nvariant | found | chance | extra / frame | gap t = T-1 / 0.6(T-1) / 0.3(T-1) | s/step")
+print("\nvariant | found | chance | extra / frame | gap t = T-1 / 0.6(T-1) / 0.3(T-1) | s/step")
 for variant, (s, sps) in results.items():
     gaps = " / ".join(f"{100 * s[f'cond_gap_t{p}']:.1f}" for p in ev.CONDITION_T)
     print(f"{variant:>7} | {100 * s['t2i_objects']:4.1f} % | {100 * s['t2i_objects_other']:5.1f} % | "

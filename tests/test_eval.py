@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FRACTIONS = ["caption_exact", "caption_objects", "caption_colour", "caption_shape", "caption_size", "t2i_objects",
              "t2i_exact", "unmoved_found", "moved_found", "appeared_ok", "gone_ok"]
 GAPS = ["cond_gap_t100", "cond_gap_t60", "cond_gap_t30"]
-KEYS = set(FRACTIONS) | set(GAPS) | {"t2i_extra", "t2i_objects_other", "unmoved_median_px", "unmoved_count", "moved_median_px",
-                                     "moved_count", "cont_extra"}
+KEYS = set(FRACTIONS) | set(GAPS) | {"t2i_extra", "t2i_objects_other", "unmoved_median_px", "unmoved_count",
+                                     "moved_median_px", "moved_count", "cont_extra"}
 
 
 def _args(**kw):
