@@ -19,6 +19,7 @@ The variants differ only in what the UNet predicts (diffusion.Schedule.predictio
   eps  the noise, as Stable Diffusion.
 
 Seconds per step on a 2-core CPU: 1.2-1.4; the three variants of 300 steps took 22 minutes with the evaluation.
+`--variants x0 --continuations 64` (the recipe's 1:2 mix of text-to-image and continuation frames) takes 3.8 s/step.
 """
 import argparse
 import dataclasses
@@ -46,6 +47,9 @@ ap.add_argument("--variants", nargs="+", default=list(PREDICTION), choices=list(
                 help="what the UNet predicts")
 ap.add_argument("--steps", type=int, default=300, help="optimiser steps per variant")
 ap.add_argument("--batch-size", type=int, default=32, help="text-to-image documents per step")
+ap.add_argument("--continuations", type=int, default=0,
+                help="also train on this many two-frame continuation documents per step (the recipe's mix is ~2 per "
+                     "text-to-image frame): does sharing the loss with them slow text-to-image down?")
 ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant, no warm-up)")
 ap.add_argument("--n", type=int, default=64, help="held-out stories to draw and score")
 ap.add_argument("--seed", type=int, default=0, help="seeds the init, the training stories and the draws")
@@ -64,14 +68,28 @@ def build(variant):
     return M.MMInterleaved(cfg)
 
 
-def batch(start, n, k, size):
-    """n text-to-image documents (training stories start..) -> padded ids (n, T) and their first frames."""
-    stories = [data.make_story("train", args.seed, start + i, size) for i in range(n)]
-    rows = [tok.encode(s.sentences[0]) + tok.image_tokens(k) + [tok.eos_id] for s in stories]
-    ids = torch.full((n, max(map(len, rows))), tok.pad_id)
+def batch(step, k, size):
+    """This step's documents -> padded ids (rows, T), their frames in row-major order, images per row. First
+    batch_size text-to-image documents, then `--continuations` documents `<s><BoI>`frame 0, its scene sentence,
+    the first event `<BoI>`frame 1`</s>` (from other training stories: indices from 10^7 on)."""
+    n, c = args.batch_size, args.continuations
+    rows, frames, per_row = [], [], []
+    for i in range(n):
+        s = data.make_story("train", args.seed, step * n + i, size)
+        rows.append(tok.encode(s.sentences[0]) + tok.image_tokens(k) + [tok.eos_id])
+        frames.append(s.images[0])
+        per_row.append(1)
+    for i in range(c):
+        s = data.make_story("train", args.seed, 10 ** 7 + step * c + i, size)
+        doc = [{"image": s.images[0]}, {"text": s.sentences[0]}, {"text": s.sentences[1]}, {"image": s.images[1]}]
+        ids, images = data.tokenize_document(doc, tok, k)
+        rows.append(ids)
+        frames += images
+        per_row.append(len(images))
+    ids = torch.full((len(rows), max(map(len, rows))), tok.pad_id)
     for b, r in enumerate(rows):
         ids[b, :len(r)] = torch.tensor(r)
-    return ids, torch.stack([data.image_tensor(s.images[0], size) for s in stories])
+    return ids, torch.stack([data.image_tensor(f, size) for f in frames]), per_row
 
 
 held_out = [data.make_story("eval", args.seed, i) for i in range(args.n)]
@@ -85,8 +103,8 @@ for variant in args.variants:
     gen = torch.Generator().manual_seed(args.seed)  # timesteps, noise and CFG dropout
     t0 = time.time()
     for step in range(args.steps):
-        ids, images = batch(step * args.batch_size, args.batch_size, k, size)
-        out = net(ids, images, [1] * args.batch_size, generator=gen)
+        ids, images, per_row = batch(step, k, size)
+        out = net(ids, images, per_row, generator=gen)
         if not math.isfinite(out["loss"].item()):
             sys.exit(f"probe_decoder.py: error: {variant}: non-finite loss at step {step}")
         opt.zero_grad(set_to_none=True)
