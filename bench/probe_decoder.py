@@ -3,13 +3,13 @@
     python bench/probe_decoder.py [--variants v x0 eps] [--steps 300] [--batch-size 32] [--n 64]
 
 The decoder-side twin of probe_visual.py. Every variant starts from the same fresh `--small` model (same seed) and
-trains with the model's own loss (text CE + 10 × diffusion MSE) on the same batches of one kind of document only:
-`<s>` scene sentence `<BoI><image>×K</s>`, the text-to-image case. Then, on `--n` held-out stories, it draws each
+trains with the model's own loss (text CE + 10 × diffusion MSE) on the same batches of text-to-image documents,
+`<s>` scene sentence `<BoI><image>×K</s>` (plus, with `--continuations`, two-frame continuation documents). Then, on `--n` held-out stories, it draws each
 first frame from its sentence (eval.py's text-to-image task: DDIM, 20 steps, guidance 3) and reports
 
   found    the named objects the detector finds by colour and shape (eval.py's "objects found");
   chance   the same frames scored against the previous story's sentence: what a frame that ignores its text
-           scores (blank frames score 0, noisy blobs a few %, so "found" means little unless it clears this);
+           scores (blank frames score 0, blobs 3-12 % here, so "found" means little unless it clears this);
   gap      eval.py's condition check at t = T-1 / 0.6(T-1) / 0.3(T-1): 1 - loss(own text) / loss(other text).
 
 The variants differ only in what the UNet predicts (diffusion.Schedule.prediction_type):
