@@ -4,8 +4,9 @@
 
 The decoder-side twin of probe_visual.py. Every variant starts from the same fresh `--small` model (same seed) and
 trains with the model's own loss (text CE + 10 × diffusion MSE) on the same batches of text-to-image documents,
-`<s>` scene sentence `<BoI><image>×K</s>` (plus, with `--continuations`, two-frame continuation documents). Then, on `--n` held-out stories, it draws each
-first frame from its sentence (eval.py's text-to-image task: DDIM, 20 steps, guidance 3) and reports
+`<s>` scene sentence `<BoI><image>×K</s>` (plus, with `--continuations`, two-frame continuation documents).
+Then, on `--n` held-out stories, it draws each first frame from its sentence (eval.py's text-to-image task: DDIM,
+20 steps, guidance 3) and reports
 
   found    the named objects the detector finds by colour and shape (eval.py's "objects found");
   chance   the same frames scored against the previous story's sentence: what a frame that ignores its text
@@ -73,23 +74,16 @@ def batch(step, k, size):
     batch_size text-to-image documents, then `--continuations` documents `<s><BoI>`frame 0, its scene sentence,
     the first event `<BoI>`frame 1`</s>` (from other training stories: indices from 10^7 on)."""
     n, c = args.batch_size, args.continuations
-    rows, frames, per_row = [], [], []
+    docs = []
     for i in range(n):
         s = data.make_story("train", args.seed, step * n + i, size)
-        rows.append(tok.encode(s.sentences[0]) + tok.image_tokens(k) + [tok.eos_id])
-        frames.append(s.images[0])
-        per_row.append(1)
+        docs.append([{"text": s.sentences[0]}, {"image": s.images[0]}])
     for i in range(c):
         s = data.make_story("train", args.seed, 10 ** 7 + step * c + i, size)
-        doc = [{"image": s.images[0]}, {"text": s.sentences[0]}, {"text": s.sentences[1]}, {"image": s.images[1]}]
-        ids, images = data.tokenize_document(doc, tok, k)
-        rows.append(ids)
-        frames += images
-        per_row.append(len(images))
-    ids = torch.full((len(rows), max(map(len, rows))), tok.pad_id)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r)
-    return ids, torch.stack([data.image_tensor(f, size) for f in frames]), per_row
+        docs.append([{"image": s.images[0]}, {"text": s.sentences[0]}, {"text": s.sentences[1]},
+                     {"image": s.images[1]}])
+    b = data.collate([data.tokenize_document(d, tok, k) for d in docs], tok.pad_id, size)
+    return b["tokens"], b["images"], b["images_per_row"]
 
 
 held_out = [data.make_story("eval", args.seed, i) for i in range(args.n)]

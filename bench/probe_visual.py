@@ -86,12 +86,9 @@ def build(variant):
 def batch(split, start, n, k, size):
     """n caption documents (stories start.. of a split) -> padded ids (n, T) and their first frames (n, 3, S, S)."""
     stories = [data.make_story(split, args.seed, start + i, size) for i in range(n)]
-    rows = [[tok.bos_id] + tok.image_tokens(k) + tok.encode(s.sentences[0], bos=False) + [tok.eos_id]
-            for s in stories]
-    ids = torch.full((n, max(map(len, rows))), tok.pad_id)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r)
-    return ids, torch.stack([data.image_tensor(s.images[0], size) for s in stories])
+    b = data.collate([data.tokenize_document([{"image": s.images[0]}, {"text": s.sentences[0]}], tok, k)
+                      for s in stories], tok.pad_id, size)
+    return b["tokens"], b["images"]
 
 
 def caption_ce(net, ids, images):

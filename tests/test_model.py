@@ -120,8 +120,9 @@ def test_pooled_visual_adds_one_linear_token_per_grid_cell():
     with torch.no_grad():
         visual, _ = net.encode_images(images)                                            # (3, 4, dim)
         tokens, _ = net.vit(images)
-        queried = net.resampler(net.neck(tokens))                                        # (3, 4, dim)
-        neck = net.neck(tokens)[:, 1:].reshape(3, 4, 4, -1)                              # (3, row, col, D), no CLS
+        full = net.neck(tokens)                                                          # (3, 1 + 16, D)
+        queried = net.resampler(full)                                                    # (3, 4, dim)
+        neck = full[:, 1:].reshape(3, 4, 4, -1)                                          # (3, row, col, D), no CLS
         for cell, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):  # row-major, as the tokens go
             mean = neck[:, 2 * r:2 * r + 2, 2 * c:2 * c + 2].mean((1, 2))                 # (3, D)
             want = queried[:, cell] + net.pooled_visual_proj(mean)
