@@ -53,6 +53,9 @@ class MMConfig:
     loss_img_weight: float = 10.0
     uncond_prob: float = 0.1  # CFG training dropout: the condition becomes the learned negative (§5.1 step 4)
     min_snr_gamma: float = 0.0  # > 0: min-SNR-γ loss weights (Hang et al. 2023); the authors use none (0)
+    # diffusion-loss weight of a text-to-image frame (no earlier image in its segment to copy through MMFS) against
+    # a continuation's 1; the authors weight all images alike (1)
+    t2i_loss_weight: float = 1.0
     # small recipe: one more condition token, the mean of the projected context states, which also joins the UNet's
     # time embedding: a direct path past the decoder Q-Former, whose from-scratch outputs barely vary with the prompt
     pooled_condition: bool = False
@@ -410,6 +413,8 @@ class MMInterleaved(nn.Module):
             per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)           # (n,)
             if c.min_snr_gamma > 0:
                 per_image = per_image * diffusion.min_snr_weight(t, c.schedule, c.min_snr_gamma).to(per_image.device)
+            if c.t2i_loss_weight != 1:
+                per_image = per_image * torch.where(prev < 0, c.t2i_loss_weight, 1.0).to(per_image.dtype)
             # none counted: the UNet still ran on one image, weighted 0, so every parameter has a gradient (DDP)
             mse = (per_image * counted[keep].to(per_image.dtype)).sum()
         else:

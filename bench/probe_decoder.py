@@ -19,8 +19,11 @@ The variants differ only in what the UNet predicts (diffusion.Schedule.predictio
   x0   the clean image ("sample");
   eps  the noise, as Stable Diffusion.
 
-Seconds per step on a 2-core CPU: 1.2-1.4; the three variants of 300 steps took 22 minutes with the evaluation.
-`--variants x0 --continuations 64` (the recipe's 1:2 mix of text-to-image and continuation frames) takes 3.8 s/step.
+Seconds per step on a 2-core CPU: 1.0-1.4; the three variants of 300 steps took 22 minutes with the evaluation.
+`--variants x0 --continuations 64` (the recipe's 1:2 mix of text-to-image and continuation frames) takes 3.8 s/step;
+`--t2i-weight W` weights the text-to-image frames' diffusion loss W times a continuation's (MMConfig.t2i_loss_weight).
+`--eval-every N` also scores every N steps (the learning rate is constant, so step N of a longer run is the N-step
+run), and `--frames out.png` saves 8 true frames beside the drawn ones.
 """
 import argparse
 import dataclasses
@@ -51,8 +54,12 @@ ap.add_argument("--batch-size", type=int, default=32, help="text-to-image docume
 ap.add_argument("--continuations", type=int, default=0,
                 help="also train on this many two-frame continuation documents per step (the recipe's mix is ~2 per "
                      "text-to-image frame): does sharing the loss with them slow text-to-image down?")
+ap.add_argument("--t2i-weight", type=float, default=1.0,
+                help="diffusion-loss weight of the text-to-image frames against 1 for the continuations")
 ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant, no warm-up)")
 ap.add_argument("--n", type=int, default=64, help="held-out stories to draw and score")
+ap.add_argument("--eval-every", type=int, default=0, help="also draw and score every N steps (a learning curve)")
+ap.add_argument("--frames", metavar="PNG", help="save the last evaluation's first 8 frames beside the true ones")
 ap.add_argument("--seed", type=int, default=0, help="seeds the init, the training stories and the draws")
 args = ap.parse_args()
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -66,6 +73,7 @@ def build(variant):
     cfg = M.preset("small", bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
     cfg.schedule = dataclasses.replace(cfg.schedule, prediction_type=PREDICTION[variant])
+    cfg.t2i_loss_weight = args.t2i_weight
     return M.MMInterleaved(cfg)
 
 
@@ -88,6 +96,24 @@ def batch(step, k, size):
 
 held_out = [data.make_story("eval", args.seed, i) for i in range(args.n)]
 gen_args = argparse.Namespace(batch_size=32, steps=20, guidance=3.0, sampler="ddim", seed=args.seed)
+
+
+def evaluate(net, variant, step):
+    """Draw the held-out first frames and score them (eval.py's text-to-image and condition rows)."""
+    net.eval()
+    with torch.no_grad():
+        frames = ev.t2i_task(net, tok, held_out, gen_args)
+        scores = {**ev.score_t2i(held_out, frames),
+                  **ev.score_condition(held_out, ev.condition_task(net, tok, held_out, gen_args))}
+    net.train()
+    print(f"{variant:>4} after {step:4d} steps: found {100 * scores['t2i_objects']:.1f} %, "
+          f"chance {100 * scores['t2i_objects_other']:.1f} %", flush=True)
+    if args.frames:  # one row per story: the true frame, then the drawn one
+        data.preview([argparse.Namespace(images=[s.images[0], f], sentences=s.sentences[:1])
+                      for s, f in zip(held_out[:8], frames)], args.frames.replace(".png", f"-{variant}.png"))
+    return scores
+
+
 results = {}
 for variant in args.variants:
     net = build(variant)
@@ -95,7 +121,7 @@ for variant in args.variants:
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99),
                             weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)  # timesteps, noise and CFG dropout
-    t0 = time.time()
+    t0, t_eval = time.time(), 0.0
     for step in range(args.steps):
         ids, images, per_row = batch(step, k, size)
         out = net(ids, images, per_row, generator=gen)
@@ -108,15 +134,12 @@ for variant in args.variants:
         if step % 50 == 0 or step == args.steps - 1:
             print(f"{variant:>4} step {step:4d}: text {out['loss_txt'].item():.4f}, image {out['loss_img'].item():.4f} "
                   f"({time.time() - t0:.0f} s)", flush=True)
-    sps = (time.time() - t0) / max(args.steps, 1)
-    net.eval()
-    with torch.no_grad():
-        frames = ev.t2i_task(net, tok, held_out, gen_args)
-        scores = {**ev.score_t2i(held_out, frames),
-                  **ev.score_condition(held_out, ev.condition_task(net, tok, held_out, gen_args))}
-    results[variant] = (scores, sps)
-    print(f"{variant:>4}: found {100 * scores['t2i_objects']:.1f} %, chance {100 * scores['t2i_objects_other']:.1f} %",
-          flush=True)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            t1 = time.time()
+            evaluate(net, variant, step + 1)
+            t_eval += time.time() - t1
+    sps = (time.time() - t0 - t_eval) / max(args.steps, 1)
+    results[variant] = (evaluate(net, variant, args.steps), sps)
 
 print("\nvariant | found | chance | extra / frame | gap t = T-1 / 0.6(T-1) / 0.3(T-1) | s/step")
 for variant, (s, sps) in results.items():

@@ -181,6 +181,12 @@ def test_skipping_segment_opening_images_keeps_the_loss():
         want = (err * torch.tensor([0.0, 1.0, 1.0])).sum() / 3  # the mean over all 3 images
     assert want.item() > 0
     torch.testing.assert_close(out["loss_img"], want, rtol=1e-5, atol=0)
+    # t2i_loss_weight scales only the text-to-image frame (image 2: text before it, no earlier image in its segment)
+    net.cfg.t2i_loss_weight = 3.0
+    out = net(tokens, images, per_row, generator=torch.Generator().manual_seed(0))
+    want3 = (err * torch.tensor([0.0, 1.0, 3.0])).sum() / 3
+    assert err[1] > 0 and err[2] > 0
+    torch.testing.assert_close(out["loss_img"], want3, rtol=1e-5, atol=0)
 
 
 def test_no_counted_image_still_gives_every_unet_parameter_a_gradient():
