@@ -94,7 +94,7 @@ if len(sys.argv) > 2 and sys.argv[1] == "--run-one":  # a child: one path, then 
     patch(path)
     if "--frames" in rest:  # one picture per path
         i = rest.index("--frames") + 1
-        rest[i] = rest[i].replace(".png", f"-{path}.png")
+        rest[i] = f"-{path}".join(os.path.splitext(rest[i]))
     sys.argv = [PROBE, "--variants", "x0", *rest]
     runpy.run_path(PROBE, run_name="__main__")
     sys.exit(0)

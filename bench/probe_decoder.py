@@ -62,6 +62,8 @@ ap.add_argument("--eval-every", type=int, default=0, help="also draw and score e
 ap.add_argument("--frames", metavar="PNG", help="save the last evaluation's first 8 frames beside the true ones")
 ap.add_argument("--seed", type=int, default=0, help="seeds the init, the training stories and the draws")
 args = ap.parse_args()
+if args.frames and not args.frames.lower().endswith(".png"):
+    ap.error(f"--frames {args.frames}: give a .png path (one picture per variant is written beside it)")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 with tempfile.TemporaryDirectory() as tmp:  # the --small tokenizer, trained as train.py does
@@ -110,7 +112,7 @@ def evaluate(net, variant, step):
           f"chance {100 * scores['t2i_objects_other']:.1f} %", flush=True)
     if args.frames:  # one row per story: the true frame, then the drawn one
         data.preview([argparse.Namespace(images=[s.images[0], f], sentences=s.sentences[:1])
-                      for s, f in zip(held_out[:8], frames)], args.frames.replace(".png", f"-{variant}.png"))
+                      for s, f in zip(held_out[:8], frames)], f"-{variant}".join(os.path.splitext(args.frames)))
     return scores
 
 
