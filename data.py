@@ -497,12 +497,13 @@ def score_caption(generated, truth):
             **attrs}
 
 
-def score_text_to_image(sentence, frame):
-    """Each object a scene sentence names, looked up in the generated frame by colour and shape."""
+def score_text_to_image(sentence, frame, detected=None):
+    """Each object a scene sentence names, looked up in the generated frame by colour and shape (`detected`:
+    detect(frame) if the caller already has it)."""
     want = parse(sentence)
     if not isinstance(want, list):
         raise ValueError(f"score_text_to_image: not a scene sentence: {sentence!r}")
-    det = detect(frame)
+    det = detect(frame) if detected is None else detected
     size = _as_hwc(frame).shape[0]
     # a named object is looked for near the centre of its cell when the frame holds several of its kind
     pairs = match([Obj(m.colour, m.shape, m.size, *cell_centre(m.place, size)) for m in want], det)

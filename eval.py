@@ -173,8 +173,9 @@ def score_t2i(stories, frames):
     """Named objects found by colour + shape, exact (size and place too), mean extra objects per frame; and the
     chance level: the objects of the previous story's sentence found in each frame, which its own text cannot have
     helped draw (with one story, that is its own sentence)."""
-    r = [data.score_text_to_image(s.sentences[0], f) for s, f in zip(stories, frames)]
-    other = [data.score_text_to_image(stories[i - 1].sentences[0], f) for i, f in enumerate(frames)]
+    dets = [data.detect(f) for f in frames]
+    r = [data.score_text_to_image(s.sentences[0], f, d) for s, f, d in zip(stories, frames, dets)]
+    other = [data.score_text_to_image(stories[i - 1].sentences[0], f, d) for i, (f, d) in enumerate(zip(frames, dets))]
     n = sum(x["n"] for x in r)
     return {"t2i_objects": sum(x["found"] for x in r) / n, "t2i_exact": sum(x["exact"] for x in r) / n,
             "t2i_extra": sum(x["extra"] for x in r) / len(r),

@@ -413,10 +413,10 @@ class MMInterleaved(nn.Module):
             per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)           # (n,)
             if c.min_snr_gamma > 0:
                 per_image = per_image * diffusion.min_snr_weight(t, c.schedule, c.min_snr_gamma).to(per_image.device)
-            if c.t2i_loss_weight != 1:
-                per_image = per_image * torch.where(prev < 0, c.t2i_loss_weight, 1.0).to(per_image.dtype)
-            # none counted: the UNet still ran on one image, weighted 0, so every parameter has a gradient (DDP)
-            mse = (per_image * counted[keep].to(per_image.dtype)).sum()
+            # none counted: the UNet still ran on one image, weighted 0, so every parameter has a gradient (DDP);
+            # a text-to-image frame (no earlier image in its segment) weighs t2i_loss_weight
+            weight = counted[keep] * torch.where(prev < 0, c.t2i_loss_weight, 1.0)            # (n,)
+            mse = (per_image * weight.to(per_image.dtype)).sum()
         else:
             mse = h.sum() * 0
         tot_txt, tot_img = counts if counts is not None else (n_txt, n_img)

@@ -280,6 +280,10 @@ def test_score_text_to_image_and_continuation():
         assert D.score_text_to_image(story.sentences[0], story.images[0]) == want
         blank = np.full_like(story.images[0], 255)
         assert D.score_text_to_image(story.sentences[0], blank)["found"] == 0
+        # a detection passed in is used instead of detecting again: the blank frame's (none) finds nothing,
+        # the true frame's finds everything even when scored on the blank frame
+        assert D.score_text_to_image(story.sentences[0], story.images[0], D.detect(blank))["found"] == 0
+        assert D.score_text_to_image(story.sentences[0], blank, D.detect(story.images[0])) == want
         for k in range(1, len(story.images)):
             ev = story.events[k]
             r = D.score_continuation(story.objects[k - 1], story.sentences[k], story.images[k])
