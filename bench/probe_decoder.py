@@ -108,8 +108,9 @@ def evaluate(net, variant, step):
         scores = {**ev.score_t2i(held_out, frames),
                   **ev.score_condition(held_out, ev.condition_task(net, tok, held_out, gen_args))}
     net.train()
+    gaps = " / ".join(f"{100 * scores[f'cond_gap_t{p}']:.1f}" for p in ev.CONDITION_T)
     print(f"{variant:>4} after {step:4d} steps: found {100 * scores['t2i_objects']:.1f} %, "
-          f"chance {100 * scores['t2i_objects_other']:.1f} %", flush=True)
+          f"chance {100 * scores['t2i_objects_other']:.1f} %, gap {gaps} %", flush=True)
     if args.frames:  # one row per story: the true frame, then the drawn one
         data.preview([argparse.Namespace(images=[s.images[0], f], sentences=s.sentences[:1])
                       for s, f in zip(held_out[:8], frames)], f"-{variant}".join(os.path.splitext(args.frames)))
