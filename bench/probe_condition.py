@@ -1,10 +1,11 @@
 """Is it the path the text takes to the UNet? probe_decoder.py with the condition path changed, side by side.
 
-    python bench/probe_condition.py [--paths base xattn16 direct nollm coord] [probe_decoder.py flags]
+    python bench/probe_condition.py [--paths base oracle ...] [probe_decoder.py flags: --steps, --eval-every, ...]
 
 Each path trains a fresh `--small` model on text-to-image documents only (probe_decoder.py: x0 target, 32 documents
-per step, 300 steps, same seed and batches) with one change to how the sentence reaches the UNet:
+per step, 300 steps unless --steps, same seed and batches) with one change to how the sentence reaches the UNet.
 
+The route from the LLM to the UNet:
   base     the small model as it is;
   xattn16  cross-attention at 16×16 too (the preset has it only at 8×8);
   direct   the UNet's cross-attention also reads the 40 reversed context states nearest `<BoI>` (projected, with
@@ -14,23 +15,41 @@ per step, 300 steps, same seed and batches) with one change to how the sentence 
   coord    CoordConv: the UNet's first convolution also sees two channels of x and y in [-1, 1], so "at the top
            left" has coordinates to bind to.
 
+Binding the words of an object ("a small red square at the top left") into one thing the UNet can use:
+  oracle   no language at all: the sentence is parsed (data.parse) and each named object becomes one condition
+           token, the sum of learned colour, shape, size, place and slot embeddings, straight to the UNet. The
+           words are bound to their objects before the UNet sees them: how well it draws when the text is understood
+           (text-to-image only: with --continuations it would name the previous frame's objects);
+  oracle-qformer  the same object tokens (at the LLM's width) as the decoder Q-Former's inputs in place of the
+           context states: is the Q-Former in the way?
+  encoder  a 2-layer bidirectional transformer over the projected context states before the decoder Q-Former,
+           so each word's state can take in its neighbours ("red" its "square" and "at the top left");
+  conv     the same place, a residual 1-D convolution over 9 neighbouring context states instead: each state
+           becomes a linear mix of its neighbourhood by offset (n-gram features), no attention to learn;
+  contrast the base plus a CLIP-style contrastive loss (weight 1) between the mean context state of each frame's
+           text and the mean of its visual tokens: telling the batch's 32 scenes apart needs the text side to
+           bind each colour and shape to its object.
+
 The changes are monkeypatches of model.py, so each path runs in its own process; every line of probe_decoder.py's
-output is passed through, and the last lines are the table. ~6 minutes per path on a 2-core CPU (23 min for
-xattn16, direct, nollm and coord).
+output is passed through, and the last lines are the table. On a 2-core CPU a path takes ~6 minutes at 300 steps
+and ~12-13 minutes at `--steps 600 --eval-every 300` (the README's binding table).
 """
 import argparse
 import dataclasses
+import math
 import os
+import re
 import runpy
 import subprocess
 import sys
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = os.path.join(ROOT, "bench", "probe_decoder.py")
-PATHS = ("base", "xattn16", "direct", "nollm", "coord")
+PATHS = ("base", "xattn16", "direct", "nollm", "coord", "oracle", "oracle-qformer", "encoder", "conv", "contrast")
 N_DIRECT = 40  # context states the `direct` path hands to the cross-attention (a t2i context is <= 40 tokens)
 
 
@@ -87,6 +106,118 @@ def patch(path):
             init(self, cfg)
             self.unet.conv_in = CoordIn(self.unet.conv_in)
         M.MMInterleaved.__init__ = __init__
+    elif path in ("oracle", "oracle-qformer"):
+        import data
+        import llm
+        train, kept = llm.Tokenizer.train, {}
+
+        def keep_tokenizer(*a, **kw):  # probe_decoder.py trains its tokenizer; the condition decodes with it
+            kept["tok"] = train(*a, **kw)
+            return kept["tok"]
+        llm.Tokenizer.train = staticmethod(keep_tokenizer)
+        states = M.MMInterleaved.hidden_states
+        vocab = {"colour": data.COLOURS, "shape": data.SHAPES, "size": data.SIZES, "place": data.PLACES}
+        direct = path == "oracle"  # else the object tokens are the decoder Q-Former's inputs, at the LLM's width
+
+        def __init__(self, cfg):
+            init(self, cfg)
+            n = self.neg_prompt_embeds.shape[1] - 1  # 16 object slots (+ the pooled token)
+            d = cfg.decoder.hidden_size if direct else cfg.llm.dim
+            self.oracle = nn.ModuleDict({k: nn.Embedding(len(v), d) for k, v in vocab.items()})
+            self.oracle["slot"] = nn.Embedding(n, d)
+            self.oracle_empty = nn.Parameter(torch.randn(d))  # an unused slot
+
+        def hidden_states(self, tokens, images, images_per_row):
+            self.oracle_tokens = tokens  # image_condition reads the sentence from here
+            return states(self, tokens, images, images_per_row)
+
+        def image_condition(self, h, rows, cols, start):
+            emb, n = self.oracle, self.neg_prompt_embeds.shape[1] - 1
+            slots, pooled = [], []
+            for r, c, s in zip(rows.tolist(), cols.tolist(), start.tolist()):
+                text = kept["tok"].decode(self.oracle_tokens[r, s:c].tolist())  # the segment before its <BoI>
+                m = re.search(r"there (?:is|are) [^.]*\.", text, re.IGNORECASE)
+                objs = data.parse(m[0]) if m else []
+                # the sum of 4 N(0, 1) embeddings, halved: about unit scale per channel
+                tok = torch.stack([sum(emb[k].weight[vocab[k].index(getattr(o, k))] for k in vocab) / 2
+                                   for o in objs]) if objs else h.new_zeros(0, emb["slot"].embedding_dim)
+                tok = tok + emb["slot"].weight[:len(objs)]                                        # (m, d)
+                pooled.append(tok.mean(0) if objs else self.oracle_empty)                         # (d,)
+                slots.append(torch.cat([tok, self.oracle_empty.expand(n - len(objs), -1)]))      # (n, d)
+            slots, pooled = torch.stack(slots).to(h.dtype), torch.stack(pooled).to(h.dtype)
+            if direct:
+                return torch.cat([slots, pooled[:, None]], 1), cols - start + 1                 # (ΣI, n + 1, ctx)
+            cond = self.decoder(slots, slots.new_ones(slots.shape[:2]))                          # (ΣI, Q, ctx)
+            return torch.cat([cond, self.pooled_ctx_proj(pooled)[:, None]], 1), cols - start + 1
+        M.MMInterleaved.__init__, M.MMInterleaved.hidden_states = __init__, hidden_states
+        M.MMInterleaved.image_condition = image_condition
+    elif path in ("encoder", "conv"):
+        class Conv(nn.Module):
+            def __init__(self, d):
+                super().__init__()
+                self.conv = nn.Conv1d(d, d, 9, padding=4)
+
+            def forward(self, x, src_key_padding_mask):
+                keep = (~src_key_padding_mask)[..., None].to(x.dtype)                     # (n, L, 1)
+                return x + self.conv((x * keep).transpose(1, 2)).transpose(1, 2) * keep
+
+        def __init__(self, cfg):
+            init(self, cfg)
+            d = cfg.llm.dim
+            layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, activation="gelu", batch_first=True,
+                                               norm_first=True)
+            self.context_encoder = (nn.TransformerEncoder(layer, 2, enable_nested_tensor=False) if path == "encoder"
+                                    else Conv(d))
+
+        def image_condition(self, h, rows, cols, start):  # model.py's, with the encoder before the decoder
+            lengths = cols - start + 1
+            L = int(lengths.max())
+            j = torch.arange(L, device=h.device)
+            idx = (cols[:, None] - j[None, :]).clamp(min=0)
+            valid = j[None, :] < lengths[:, None]
+            feats = self.context_feat_proj(h[rows[:, None], idx] * valid[..., None])
+            mask = valid.to(feats.dtype)
+            x = self.context_encoder(feats + self.context_pos[:L].to(h.dtype), src_key_padding_mask=~valid)
+            cond = self.decoder(x, mask)
+            if self.pooled_ctx_proj is not None:
+                mean = (x * mask[..., None]).sum(1) / lengths[:, None].to(x.dtype)
+                cond = torch.cat([cond, self.pooled_ctx_proj(mean)[:, None]], 1)
+            return cond, lengths
+        M.MMInterleaved.__init__, M.MMInterleaved.image_condition = __init__, image_condition
+    elif path == "contrast":
+        encode, condition, forward = (M.MMInterleaved.encode_images, M.MMInterleaved.image_condition,
+                                      M.MMInterleaved.forward)
+
+        def __init__(self, cfg):
+            init(self, cfg)
+            d = cfg.llm.dim
+            self.text_proj, self.image_proj = nn.Linear(d, d), nn.Linear(d, d)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+
+        def encode_images(self, images):
+            visual, pyramid = encode(self, images)
+            self.seen_visual = visual                                                    # (ΣI, K, dim)
+            return visual, pyramid
+
+        def image_condition(self, h, rows, cols, start):
+            lengths = cols - start + 1
+            L = int(lengths.max())
+            j = torch.arange(L, device=h.device)
+            valid = (j[None, :] < lengths[:, None]).to(h.dtype)
+            ctx = h[rows[:, None], (cols[:, None] - j[None, :]).clamp(min=0)] * valid[..., None]
+            self.seen_text = ctx.sum(1) / lengths[:, None].to(h.dtype)                   # (ΣI, dim): mean context
+            return condition(self, h, rows, cols, start)
+
+        def forward_(self, tokens, images, images_per_row, generator=None, counts=None):
+            out = forward(self, tokens, images, images_per_row, generator, counts)
+            t = F.normalize(self.text_proj(self.seen_text), dim=-1)
+            v = F.normalize(self.image_proj(self.seen_visual.mean(1)), dim=-1)
+            logits = self.logit_scale.exp().clamp(max=100) * t @ v.T                     # (ΣI, ΣI)
+            target = torch.arange(len(t), device=t.device)
+            aux = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            return {**out, "loss": out["loss"] + aux}
+        M.MMInterleaved.__init__, M.MMInterleaved.encode_images = __init__, encode_images
+        M.MMInterleaved.image_condition, M.MMInterleaved.forward = image_condition, forward_
 
 
 if len(sys.argv) > 2 and sys.argv[1] == "--run-one":  # a child: one path, then probe_decoder.py as a script
@@ -112,7 +243,7 @@ for path in args.paths:
         lines.append(line.rstrip("\n"))
     if proc.wait():
         sys.exit(f"probe_condition.py: error: the {path} run failed (exit {proc.returncode})")
-    rows.append(f"{path:>8} | " + lines[-1].split("|", 1)[1].strip())
+    rows.append(f"{path:>14} | " + lines[-1].split("|", 1)[1].strip())
 
-print("\n    path | found | chance | extra / frame | gap t = T-1 / 0.6(T-1) / 0.3(T-1) | s/step")
+print("\n          path | found | chance | extra / frame | gap t = T-1 / 0.6(T-1) / 0.3(T-1) | s/step")
 print("\n".join(rows))
