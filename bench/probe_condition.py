@@ -32,7 +32,7 @@ Binding the words of an object ("a small red square at the top left") into one t
 
 The changes are monkeypatches of model.py, so each path runs in its own process; every line of probe_decoder.py's
 output is passed through, and the last lines are the table. On a 2-core CPU a path takes ~6 minutes at 300 steps
-and ~12-13 minutes at `--steps 600 --eval-every 300` (the README's binding table).
+and 13-16 minutes at `--steps 600 --eval-every 300` (the README's binding table; 731-881 s of training).
 """
 import argparse
 import dataclasses
