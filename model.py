@@ -63,6 +63,17 @@ class MMConfig:
     # neck's token grid pooled to √K × √K, a direct image path past the visual Q-Former, which from scratch is the
     # slowest image path to learn to read (bench/probe_visual.py; README: it fixes colour but not shape)
     pooled_visual: bool = False
+    # small recipe: an auxiliary text loss. Each LLM state also names the `back_tokens` tokens before it (one linear
+    # head per offset; the mean of their cross-entropies, weighted as the text loss). With the diffusion loss alone a
+    # from-scratch LLM learns only slowly to bind "a small red square at the top left" into one object; naming the
+    # tokens behind it makes a word's state hold its phrase ("red" is 5 tokens before "left"), which the condition
+    # then carries (README: "Is it binding the words into objects?"). 0: off, as the authors
+    back_tokens: int = 0
+    # small recipe: the UNet's cross-attention also reads the `direct_context` context states nearest <BoI> (as the
+    # decoder reads them: projected, + their 1-D positions; then direct_proj; zero past the segment start), next to
+    # the decoder Q-Former's tokens. Alone it gains little; with back_tokens it carries the bound phrases the
+    # from-scratch Q-Former does not pass on (README). 0: off, as the authors
+    direct_context: int = 0
     freeze_pretrained: bool = True  # paper: freeze CLIP, the LLM (not its MMFS blocks) and the VAE, as the authors
     # special ids of the tokenizer (the paper's are Vicuna's); <BoI> and <image> are the last two ids, llm.vocab_size-2/-1
     bos_id: int = 1
@@ -102,7 +113,7 @@ def preset(name, **overrides):
         cfg = MMConfig(vit=vit_lib.PRESETS[name], resampler=r[name], llm=llm_lib.PRESETS[name],
                        decoder=r[f"{name}_decoder"], unet=unet_lib.PRESETS[name], vae=None,
                        schedule=diffusion.PRESETS[name], image_size=unet_lib.PRESETS[name].sample_size,
-                       pooled_condition=True, freeze_pretrained=False, pad_id=3)
+                       pooled_condition=True, back_tokens=6, direct_context=40, freeze_pretrained=False, pad_id=3)
         if name == "tiny":  # a 5-frame story with a byte-level tiny tokenizer needs ~200 positions
             cfg.llm = dataclasses.replace(cfg.llm, max_seq_len=384)
             cfg.unet = dataclasses.replace(cfg.unet, in_channels=3, out_channels=3, sample_size=32)
@@ -191,7 +202,7 @@ class MMInterleaved(nn.Module):
         self.register_buffer("context_pos", sincos_1d(c.llm.dim, c.llm.max_seq_len), persistent=False)
         self.decoder = resampler_lib.Resampler(c.decoder)
         # the learned negative condition for CFG; the authors start from CLIP-text(""), we start from 0
-        n_cond = c.decoder.num_queries + int(c.pooled_condition)  # the UNet's condition tokens
+        n_cond = c.decoder.num_queries + c.direct_context + int(c.pooled_condition)  # the UNet's condition tokens
         self.neg_prompt_embeds = nn.Parameter(torch.zeros(1, n_cond, c.decoder.hidden_size))
         self.unet = parts["unet"] if "unet" in parts else unet_lib.UNet(c.unet)
         # small recipe: the mean context state becomes one more condition token (pooled_ctx_proj), and that token,
@@ -205,6 +216,10 @@ class MMInterleaved(nn.Module):
         self.vae = parts["vae"] if "vae" in parts else vae_lib.VAE(c.vae) if c.vae is not None else None
         if self.text_head is not None and not self.llm.lm_head.weight.is_meta:
             self.text_head.init_from(self.llm.lm_head)
+        # back_heads[j - 1] reads state i and names token i - j (training only; PyTorch's default init)
+        self.back_heads = (nn.ModuleList(nn.Linear(c.llm.dim, c.llm.vocab_size) for _ in range(c.back_tokens))
+                           if c.back_tokens else None)
+        self.direct_proj = nn.Linear(c.llm.dim, c.decoder.hidden_size) if c.direct_context else None
         self.apply_freezing()
 
     def init_buffers(self):
@@ -307,7 +322,8 @@ class MMInterleaved(nn.Module):
 
     def image_condition(self, h, rows, cols, start):
         """§5.1: h[row, start..<BoI>] reversed, projected, + 1-D sin-cos -> decoder -> (ΣI, Q, ctx) and lengths;
-        with pooled_condition, + the mean projected context state as token Q + 1."""
+        with direct_context N, + N tokens straight from the nearest states; with pooled_condition, + the mean
+        projected context state as the last token."""
         lengths = cols - start + 1                                                         # (ΣI,)
         L = int(lengths.max())
         j = torch.arange(L, device=h.device)
@@ -317,6 +333,11 @@ class MMInterleaved(nn.Module):
         feats = self.context_feat_proj(ctx)                                                # (ΣI, L, dim)
         mask = valid.to(feats.dtype)
         cond = self.decoder(feats + self.context_pos[:L].to(ctx.dtype), mask)             # (ΣI, Q, ctx)
+        if self.direct_proj is not None:  # the N states nearest <BoI>, past the decoder (zero-padded to N)
+            N = self.cfg.direct_context
+            near = feats[:, :N] + self.context_pos[:min(L, N)].to(ctx.dtype)              # (ΣI, ≤N, dim)
+            near = self.direct_proj(near) * mask[:, :N, None]                              # (ΣI, ≤N, ctx)
+            cond = torch.cat([cond, F.pad(near, (0, 0, 0, N - near.shape[1]))], 1)         # (ΣI, Q + N, ctx)
         if self.pooled_ctx_proj is not None:
             mean = (feats * mask[..., None]).sum(1) / lengths[:, None].to(feats.dtype)      # (ΣI, dim)
             cond = torch.cat([cond, self.pooled_ctx_proj(mean)[:, None]], 1)              # (ΣI, Q + 1, ctx)
@@ -394,6 +415,7 @@ class MMInterleaved(nn.Module):
         logits = self.logits(h[:, :-1])                                                    # (B, T-1, V)
         ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         n_txt = int((labels != -100).sum())
+        back = self.back_loss(tokens, h) if self.back_heads is not None else h.sum() * 0
 
         rows, cols, start, prev = self.image_index(tokens, images_per_row)
         n_img = int(rows.numel())
@@ -421,9 +443,23 @@ class MMInterleaved(nn.Module):
             mse = h.sum() * 0
         tot_txt, tot_img = counts if counts is not None else (n_txt, n_img)
         loss_txt = ce / max(tot_txt, 1)
+        loss_back = back / max(tot_txt, 1)  # per text target, as loss_txt, so DDP ranks add up to the global mean
         loss_img = mse / max(tot_img, 1)  # mean over all images, masked ones included (§5.4)
-        loss = c.loss_txt_weight * loss_txt + c.loss_img_weight * loss_img
-        return dict(loss=loss, loss_txt=loss_txt.detach(), loss_img=loss_img.detach(), n_txt=n_txt, n_img=n_img)
+        loss = c.loss_txt_weight * (loss_txt + loss_back) + c.loss_img_weight * loss_img
+        return dict(loss=loss, loss_txt=loss_txt.detach(), loss_back=loss_back.detach(), loss_img=loss_img.detach(),
+                    n_txt=n_txt, n_img=n_img)
+
+    def back_loss(self, tokens, h):
+        """MMConfig.back_tokens: state i names token i - j for j = 1..N -> the summed cross-entropy over every
+        (state, offset) whose target is text (not <image> or pad) and whose state is not a pad, / N."""
+        ids, total = self.cfg.ids, 0
+        for j, head in enumerate(self.back_heads, 1):
+            tgt = tokens[:, :-j]                                                           # (B, T-j)
+            bad = (tgt == ids["pad"]) | (tgt == ids["image"]) | (tokens[:, j:] == ids["pad"])
+            logits = head(h[:, j:])                                                        # (B, T-j, V)
+            total = total + F.cross_entropy(logits.float().flatten(0, 1), tgt.masked_fill(bad, -100).flatten(),
+                                            ignore_index=-100, reduction="sum")
+        return total / len(self.back_heads)
 
     # ---------------------------------------------------------------------------------------------- generation
 

@@ -288,7 +288,7 @@ for step in range(start, stop):
     with autocast:
         res = model(tokens, images, batch["images_per_row"], generator=gens, counts=counts)
     (res["loss"] * world).backward()
-    logged = torch.stack([res["loss"].detach(), res["loss_txt"], res["loss_img"]]).float()
+    logged = torch.stack([res["loss"].detach(), res["loss_txt"], res["loss_back"], res["loss_img"]]).float()
     if ddp:
         dist.all_reduce(logged)
     if not torch.isfinite(logged).all():  # stop before the update: the last checkpoint stays the last good one
@@ -308,13 +308,14 @@ for step in range(start, stop):
     if master and (done % S.log_every == 0 or done == stop):
         elapsed = time.time() - t0
         rate = (done - start) / elapsed
-        loss, lt, li = logged.tolist()
-        metrics.write(json.dumps(dict(step=step, loss=loss, loss_txt=lt, loss_img=li, lr=opt.param_groups[0]["lr"],
-                                      grad_norm=grad_norm, elapsed_s=round(elapsed, 2))) + "\n")
+        loss, lt, lb, li = logged.tolist()
+        metrics.write(json.dumps(dict(step=step, loss=loss, loss_txt=lt, loss_back=lb, loss_img=li,
+                                      lr=opt.param_groups[0]["lr"], grad_norm=grad_norm,
+                                      elapsed_s=round(elapsed, 2))) + "\n")
         metrics.flush()
         eta = (stop - done) / rate
-        print(f"\rstep {done}/{S.steps} | loss {loss:.4f} (txt {lt:.3f}, img {li:.4f}) | {rate:.2f} steps/s | "
-              f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", end="" if sys.stderr.isatty() else "\n",
+        print(f"\rstep {done}/{S.steps} | loss {loss:.4f} (txt {lt:.3f}, back {lb:.3f}, img {li:.4f}) | "
+              f"{rate:.2f} steps/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s", end="" if sys.stderr.isatty() else "\n",
               file=sys.stderr, flush=True)
     if done % S.save_every == 0 or done == stop:
         save(done)

@@ -91,7 +91,8 @@ def test_context_is_reversed_segment_up_to_boi(net):
 
 def test_pooled_condition_token_is_the_mean_context_state():
     net = tiny()
-    assert net.cfg.pooled_condition and net.neg_prompt_embeds.shape[1] == net.cfg.decoder.num_queries + 1
+    c = net.cfg
+    assert c.pooled_condition and net.neg_prompt_embeds.shape[1] == c.decoder.num_queries + c.direct_context + 1
     rows = [[BOS, 10, 11, 12] + image_run() + [EOS], [BOS, 20] + image_run() + [EOS]]
     tokens, images, per_row = batch_of(rows)
     with torch.no_grad():
@@ -103,6 +104,28 @@ def test_pooled_condition_token_is_the_mean_context_state():
             want = net.pooled_ctx_proj(net.context_feat_proj(ctx).mean(0))
             torch.testing.assert_close(cond[i, -1], want, rtol=1e-5, atol=1e-6)
     assert (cond[0, -1] - cond[1, -1]).abs().max() > 1e-3  # another prompt, another pooled token
+
+
+@pytest.mark.parametrize("n", [3, 12])  # the images have 5, 3 and 14 context states: n below, at and above them
+def test_direct_context_tokens_are_the_nearest_states_past_the_decoder(n):
+    net = tiny(direct_context=n)
+    Q = net.cfg.decoder.num_queries
+    assert net.neg_prompt_embeds.shape[1] == Q + n + 1  # the learned negative has the same tokens
+    rows = [[BOS, 10, 11, 12] + image_run() + [EOS], [BOS, 20] + image_run() + [21, 22] + image_run() + [EOS]]
+    tokens, images, per_row = batch_of(rows)
+    with torch.no_grad():
+        h, _ = net.hidden_states(tokens, images, per_row)
+        r, cols, start, _ = net.image_index(tokens, per_row)
+        cond, lengths = net.image_condition(h, r, cols, start)
+        assert cond.shape[1] == Q + n + 1 and lengths.tolist() == [5, 3, 3 + K + 3]
+        for i in range(3):
+            ctx = h[int(r[i]), int(start[i]):int(cols[i]) + 1].flip(0)[:n]  # the <BoI> state first
+            m = len(ctx)
+            want = net.direct_proj(net.context_feat_proj(ctx) + net.context_pos[:m])
+            torch.testing.assert_close(cond[i, Q:Q + m], want, rtol=1e-5, atol=1e-6)
+            assert cond[i, Q + m:Q + n].abs().max().item() == 0 if m < n else True  # past the segment start: zero
+    # the direct tokens come after the decoder's and before the pooled one, which the UNet reads last
+    torch.testing.assert_close(cond[:, :Q], tiny(direct_context=0).image_condition(h, r, cols, start)[0][:, :Q])
 
 
 def pooled_visual_tiny():
@@ -154,6 +177,34 @@ def test_segment_opening_images_get_no_diffusion_loss(net):
     tokens, images, per_row = batch_of([[BOS, 10, 11] + image_run() + [EOS]])
     out = net(tokens, images, per_row, generator=torch.Generator().manual_seed(0))
     assert out["loss_img"].item() > 0
+
+
+def test_back_loss_names_the_tokens_before_each_state():
+    """MMConfig.back_tokens: state i names token i - j; <image> and pad targets and pad states are skipped, and the
+    sum is per text target (as loss_txt), then averaged over the offsets and added with the text loss's weight."""
+    net = tiny(back_tokens=2)
+    r0 = [BOS, 10, 11] + image_run() + [12, EOS]
+    r1 = [BOS, 13, 14, 15, EOS]
+    tokens, images, per_row = batch_of([r0, r1])
+    out = net(tokens, images, per_row, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h, _ = net.hidden_states(tokens, images, per_row)
+        total, pairs = 0.0, 0
+        for j in (1, 2):
+            for b, row in enumerate([r0, r1]):
+                for i in range(j, len(row)):  # pads only ever follow the row, so states past it are skipped
+                    if row[i - j] == IMG:
+                        continue
+                    logp = torch.log_softmax(net.back_heads[j - 1](h[b, i]).double(), -1)
+                    total, pairs = total - logp[row[i - j]].item(), pairs + 1
+    n_txt = int((net.text_labels(tokens) != -100).sum())
+    assert pairs == 5 + 4 + 4 + 3  # r0: 13 and 12 pairs less K <image> targets each; r1: 4 and 3
+    assert out["loss_back"].item() == pytest.approx(total / 2 / n_txt, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(out["loss_txt"].item() + out["loss_back"].item()
+                                               + net.cfg.loss_img_weight * out["loss_img"].item(), rel=1e-5)
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.back_heads.parameters())
+    assert tiny(back_tokens=0)(tokens, images, per_row)["loss_back"].item() == 0.0  # off: nothing added
 
 
 def test_skipping_segment_opening_images_keeps_the_loss():
