@@ -8,8 +8,6 @@ per step, 300 steps unless --steps, same seed and batches) with one change to ho
 The route from the LLM to the UNet:
   base     the small model as it is;
   xattn16  cross-attention at 16×16 too (the preset has it only at 8×8);
-  direct   the UNet's cross-attention also reads the 40 reversed context states nearest `<BoI>` (projected, with
-           their 1-D positions, zero past the segment start) next to the decoder Q-Former's tokens;
   nollm    no LLM layers in the condition: it reads the RMS-normed token embeddings (the text loss becomes a
            bigram model's; only the image rows mean anything);
   coord    CoordConv: the UNet's first convolution also sees two channels of x and y in [-1, 1], so "at the top
@@ -28,7 +26,17 @@ Binding the words of an object ("a small red square at the top left") into one t
            becomes a linear mix of its neighbourhood by offset (n-gram features), no attention to learn;
   contrast the base plus a CLIP-style contrastive loss (weight 1) between the mean context state of each frame's
            text and the mean of its visual tokens: telling the batch's 32 scenes apart needs the text side to
-           bind each colour and shape to its object.
+           bind each colour and shape to its object;
+  layout   the base plus a loss that makes the decoder Q-Former's 16 tokens, as a 4×4 grid, predict the frame's
+           8×8-pixel patches through one linear head (weight 10): an object-level target at the text path's end;
+  qinit    the decoder Q-Former's Linears drawn N(0, 1/fan_in) instead of HF's N(0, 0.02): at init its tokens
+           vary across prompts by 16 % of their scale instead of 1.4 %.
+
+`base` is the preset as it is now: MMConfig.back_tokens = 6 (each LLM state also names the 6 tokens before it)
+and direct_context = 40 (the UNet's cross-attention also reads the 40 context states nearest `<BoI>`, past the
+decoder Q-Former). The README's tables from before they were in the preset ran with `--back-tokens 0
+--direct-context 0`; its `direct` row with `--back-tokens 0`. oracle, oracle-qformer, encoder and conv build the
+whole condition themselves, so they always run with direct_context 0.
 
 The changes are monkeypatches of model.py, so each path runs in its own process; every line of probe_decoder.py's
 output is passed through, and the last lines are the table. On a 2-core CPU a path takes ~6 minutes at 300 steps
@@ -49,8 +57,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = os.path.join(ROOT, "bench", "probe_decoder.py")
-PATHS = ("base", "xattn16", "direct", "nollm", "coord", "oracle", "oracle-qformer", "encoder", "conv", "contrast")
-N_DIRECT = 40  # context states the `direct` path hands to the cross-attention (a t2i context is <= 40 tokens)
+PATHS = ("base", "xattn16", "nollm", "coord", "oracle", "oracle-qformer", "encoder", "conv", "contrast",
+         "layout", "qinit")
 
 
 def patch(path):
@@ -58,6 +66,8 @@ def patch(path):
     sys.path.insert(0, ROOT)
     import model as M
     init, preset = M.MMInterleaved.__init__, M.preset
+    if path in ("oracle", "oracle-qformer", "encoder", "conv"):  # their image_condition makes the whole condition
+        M.preset = lambda name, **kw: preset(name, **{**kw, "direct_context": 0})
     if path == "xattn16":
         def small(name, **kw):
             cfg = preset(name, **kw)
@@ -66,26 +76,7 @@ def patch(path):
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
             return cfg
         M.preset = small
-    elif path == "direct":
-        condition = M.MMInterleaved.image_condition
-
-        def __init__(self, cfg):
-            init(self, cfg)
-            n = self.neg_prompt_embeds.shape[1] + N_DIRECT  # the learned negative grows with the condition
-            self.neg_prompt_embeds = nn.Parameter(torch.zeros(1, n, cfg.decoder.hidden_size))
-            self.direct_proj = nn.Linear(cfg.llm.dim, cfg.decoder.hidden_size)
-
-        def image_condition(self, h, rows, cols, start):
-            cond, lengths = condition(self, h, rows, cols, start)                         # (n, Q + 1, ctx)
-            j = torch.arange(N_DIRECT, device=h.device)
-            idx = (cols[:, None] - j[None, :]).clamp(min=0)                               # (n, N): reversed
-            valid = (j[None, :] < lengths[:, None]).to(h.dtype)                            # (n, N)
-            feats = self.context_feat_proj(h[rows[:, None], idx]) + self.context_pos[:N_DIRECT].to(h.dtype)
-            direct = self.direct_proj(feats) * valid[..., None]                            # (n, N, ctx)
-            # the pooled token stays last: unet_forward reads it there
-            return torch.cat([cond[:, :-1], direct, cond[:, -1:]], 1), lengths
-        M.MMInterleaved.__init__, M.MMInterleaved.image_condition = __init__, image_condition
-    elif path == "nollm":
+    if path == "nollm":
         def hidden_states(self, tokens, images, images_per_row):
             _, pyramid = self.encode_images(images) if len(images) else (None, [])
             return self.llm.model.norm(self.llm.model.embed_tokens(tokens)), pyramid      # (B, T, dim)
@@ -218,6 +209,40 @@ def patch(path):
             return {**out, "loss": out["loss"] + aux}
         M.MMInterleaved.__init__, M.MMInterleaved.encode_images = __init__, encode_images
         M.MMInterleaved.image_condition, M.MMInterleaved.forward = image_condition, forward_
+
+    elif path == "layout":
+        condition, forward = M.MMInterleaved.image_condition, M.MMInterleaved.forward
+
+        def __init__(self, cfg):
+            init(self, cfg)
+            side = math.isqrt(cfg.decoder.num_queries)        # 16 tokens -> a 4×4 grid of regions
+            self.layout_patch = cfg.image_size // side          # 8 px
+            self.layout_head = nn.Linear(cfg.decoder.hidden_size, 3 * self.layout_patch ** 2)
+
+        def image_condition(self, h, rows, cols, start):
+            cond, lengths = condition(self, h, rows, cols, start)
+            self.seen_cond, self.seen_lengths = cond, lengths
+            return cond, lengths
+
+        def forward_(self, tokens, images, images_per_row, generator=None, counts=None):
+            out = forward(self, tokens, images, images_per_row, generator, counts)
+            p, q = self.layout_patch, self.cfg.decoder.num_queries
+            x0 = self.to_diffusion_space(images)                                         # (ΣI, 3, s, s)
+            target = F.unfold(x0, p, stride=p).transpose(1, 2)                           # (ΣI, Q, 3·p·p)
+            pred = self.layout_head(self.seen_cond[:, :q])                               # (ΣI, Q, 3·p·p)
+            keep = (self.seen_lengths > 2).to(pred.dtype)                                # images with a loss
+            aux = ((pred - target).pow(2).mean((1, 2)) * keep).sum() / max(len(keep), 1)
+            return {**out, "loss": out["loss"] + self.cfg.loss_img_weight * aux}
+        M.MMInterleaved.__init__, M.MMInterleaved.image_condition = __init__, image_condition
+        M.MMInterleaved.forward = forward_
+
+    elif path == "qinit":
+        def __init__(self, cfg):
+            init(self, cfg)
+            for m in self.decoder.modules():  # variance-preserving N(0, 1/fan_in) instead of HF's N(0, 0.02)
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+        M.MMInterleaved.__init__ = __init__
 
 
 if len(sys.argv) > 2 and sys.argv[1] == "--run-one":  # a child: one path, then probe_decoder.py as a script

@@ -61,6 +61,9 @@ ap.add_argument("--n", type=int, default=64, help="held-out stories to draw and 
 ap.add_argument("--eval-every", type=int, default=0, help="also draw and score every N steps (a learning curve)")
 ap.add_argument("--frames", metavar="PNG", help="save the last evaluation's first 8 frames beside the true ones")
 ap.add_argument("--seed", type=int, default=0, help="seeds the init, the training stories and the draws")
+g = ap.add_argument_group("the text path (MMConfig; the README's tables from before both were in the preset used 0 0)")
+g.add_argument("--back-tokens", type=int, help="each LLM state also names the N tokens before it (preset: 6)")
+g.add_argument("--direct-context", type=int, help="N context states straight to the UNet, past the decoder (preset: 40)")
 args = ap.parse_args()
 if args.frames and not args.frames.lower().endswith(".png"):
     ap.error(f"--frames {args.frames}: give a .png path (one picture per variant is written beside it)")
@@ -76,6 +79,10 @@ def build(variant):
     cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
     cfg.schedule = dataclasses.replace(cfg.schedule, prediction_type=PREDICTION[variant])
     cfg.t2i_loss_weight = args.t2i_weight
+    if args.back_tokens is not None:
+        cfg.back_tokens = args.back_tokens
+    if args.direct_context is not None:
+        cfg.direct_context = args.direct_context
     return M.MMInterleaved(cfg)
 
 
