@@ -67,12 +67,12 @@ class MMConfig:
     # head per offset; the mean of their cross-entropies, weighted as the text loss). With the diffusion loss alone a
     # from-scratch LLM learns only slowly to bind "a small red square at the top left" into one object; naming the
     # tokens behind it makes a word's state hold its phrase ("red" is 5 tokens before "left"), which the condition
-    # then carries (README: "Is it binding the words into objects?"). 0: off, as the authors
+    # then carries (README: "What binds"). 0: off, as the authors
     back_tokens: int = 0
     # small recipe: the UNet's cross-attention also reads the `direct_context` context states nearest <BoI> (as the
     # decoder reads them: projected, + their 1-D positions; then direct_proj; zero past the segment start), next to
     # the decoder Q-Former's tokens. Alone it gains little; with back_tokens it carries the bound phrases the
-    # from-scratch Q-Former does not pass on (README). 0: off, as the authors
+    # from-scratch Q-Former does not pass on (README: "What binds"). 0: off, as the authors
     direct_context: int = 0
     freeze_pretrained: bool = True  # paper: freeze CLIP, the LLM (not its MMFS blocks) and the VAE, as the authors
     # special ids of the tokenizer (the paper's are Vicuna's); <BoI> and <image> are the last two ids, llm.vocab_size-2/-1
