@@ -340,7 +340,7 @@ class MMInterleaved(nn.Module):
             cond = torch.cat([cond, F.pad(near, (0, 0, 0, N - near.shape[1]))], 1)         # (ΣI, Q + N, ctx)
         if self.pooled_ctx_proj is not None:
             mean = (feats * mask[..., None]).sum(1) / lengths[:, None].to(feats.dtype)      # (ΣI, dim)
-            cond = torch.cat([cond, self.pooled_ctx_proj(mean)[:, None]], 1)              # (ΣI, Q + 1, ctx)
+            cond = torch.cat([cond, self.pooled_ctx_proj(mean)[:, None]], 1)              # (ΣI, Q (+N) + 1, ctx)
         return cond, lengths
 
     def unet_forward(self, x, t, cond, mmfs_features=None, mmfs_mask=None):
