@@ -545,7 +545,7 @@ class MMInterleaved(nn.Module):
         neck, resamplers, MMFS blocks and residuals, <BoI>/<image> rows, text head, CFG negative) starts from its
         init. Sizes come from the checkpoints; `overrides` set other MMConfig fields. -> (model, Tokenizer)."""
         base = preset("paper", **overrides)
-        adapter = ("spm_ratio", "conv_inplane", "adapter_heads", "n_points", "deform_ratio", "cffn_ratio",
+        adapter = ("spm_ratio", "conv_inplane", "c1_stride", "adapter_heads", "n_points", "deform_ratio", "cffn_ratio",
                    "init_values", "extra_extractors", "adapter_ln_eps")  # the ViT sizes come from the CLIP config
         vit = vit_lib.ViTAdapter.from_pretrained(clip_dir, dtype, **{k: getattr(base.vit, k) for k in adapter})
         sizes = vit.cfg.pyramid_sizes  # paper 64/32/16/8: the LLM reads the lower three, the UNet all four

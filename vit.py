@@ -47,6 +47,10 @@ class ViTConfig:
     # --- ViT-Adapter (reference §4.2); its pyramid has the ViT width as channels
     spm_ratio: int = 16  # the SPM sees the image resized to (token grid · spm_ratio) px; paper 16·16 = 256 px
     conv_inplane: int = 64  # SPM stem width
+    # stride of the finest map c1 in SPM-input pixels: 4 as ViT-Adapter (the stem's max-pool); 2 skips that pool, so
+    # c1 keeps the stem's full resolution, for small frames whose objects are a few pixels wide. c1 alone changes:
+    # it is the one level that never enters the interaction blocks, so this costs little
+    c1_stride: int = 4
     interaction_indexes: tuple | None = None  # 4 runs of ViT layers; None: 4 equal runs (paper [0-5] ... [18-23])
     adapter_heads: int | None = None  # deformable-attention heads; None: num_attention_heads
     n_points: int = 4
@@ -68,8 +72,8 @@ class ViTConfig:
 
     @property
     def pyramid_sizes(self):
-        """Sides of the 4 pyramid levels, strides 4, 8, 16, 32 of the SPM input (paper 64, 32, 16, 8)."""
-        return [self.spm_size // s for s in (4, 8, 16, 32)]
+        """Sides of the 4 pyramid levels, strides c1_stride, 8, 16, 32 of the SPM input (paper 64, 32, 16, 8)."""
+        return [self.spm_size // s for s in (self.c1_stride, 8, 16, 32)]
 
     @property
     def runs(self):
@@ -282,10 +286,14 @@ def conv_block(c_in, c_out, stride):
 
 
 class SpatialPriorModule(nn.Module):
-    """A small conv net on the image: c1 at stride 4 (a map) and c2, c3, c4 at strides 8, 16, 32, all of width D."""
+    """A small conv net on the image: c1 at stride 4 (a map; stride 2 without the stem's max-pool) and c2, c3, c4 at
+    strides 8, 16, 32, all of width D."""
 
-    def __init__(self, inplanes, dim):
+    def __init__(self, inplanes, dim, c1_stride=4):
         super().__init__()
+        if c1_stride not in (2, 4):
+            raise ValueError(f"ViTConfig.c1_stride must be 2 or 4, got {c1_stride}")
+        self.c1_stride = c1_stride
         self.stem = nn.Sequential(*conv_block(3, inplanes, 2), *conv_block(inplanes, inplanes, 1),
                                   *conv_block(inplanes, inplanes, 1), nn.MaxPool2d(3, 2, 1))
         self.conv2 = nn.Sequential(*conv_block(inplanes, 2 * inplanes, 2))
@@ -295,12 +303,14 @@ class SpatialPriorModule(nn.Module):
         self.fc3, self.fc4 = nn.Conv2d(4 * inplanes, dim, 1), nn.Conv2d(4 * inplanes, dim, 1)
 
     def forward(self, x):
-        c1 = self.stem(x)
-        c2 = self.conv2(c1)
+        full = self.stem[:-1](x)                                                      # (B, C, S/2, S/2)
+        pooled = self.stem[-1](full)                                                  # (B, C, S/4, S/4)
+        c1 = full if self.c1_stride == 2 else pooled
+        c2 = self.conv2(pooled)
         c3 = self.conv3(c2)
         c4 = self.conv4(c3)
         tokens = [fc(c).flatten(2).transpose(1, 2) for fc, c in ((self.fc2, c2), (self.fc3, c3), (self.fc4, c4))]
-        return self.fc1(c1), tokens                                                   # (B, D, 4g, 4g), [(B, s², D)]
+        return self.fc1(c1), tokens                                                   # (B, D, s1, s1), [(B, s², D)]
 
 
 def centres(shapes, device, dtype):
@@ -460,7 +470,7 @@ class ViTAdapter(ViT):
         super().__init__(cfg)
         D, heads = cfg.hidden_size, cfg.adapter_heads or cfg.num_attention_heads
         self.adapter_level_embed = nn.Parameter(torch.empty(3, D))
-        self.adapter_spm = SpatialPriorModule(cfg.conv_inplane, D)
+        self.adapter_spm = SpatialPriorModule(cfg.conv_inplane, D, cfg.c1_stride)
         self.adapter_interactions = nn.Sequential(
             *(InteractionBlock(cfg, heads, cfg.extra_extractors if i == 3 else 0) for i in range(4)))
         self.adapter_up = nn.ConvTranspose2d(D, D, 2, 2)
@@ -514,7 +524,10 @@ class ViTAdapter(ViT):
 
         c2, c3, c4 = (t.transpose(1, 2).reshape(B, D, s, s) for t, s in zip(c.split([s2 * s2, s3 * s3, s4 * s4], 1),
                                                                               (s2, s3, s4)))  # (B, D, s, s)
-        c1 = c1 + self.adapter_up(c2)                                                 # (B, D, s1, s1)
+        up = self.adapter_up(c2)                                                      # (B, D, 2·s2, 2·s2)
+        if up.shape[-1] != s1:  # c1_stride 2: c1 is twice as fine again
+            up = F.interpolate(up, size=(s1, s1), mode="bilinear", align_corners=False)
+        c1 = c1 + up                                                                  # (B, D, s1, s1)
         pyramid = []
         for level, xi in zip((c1, c2, c3, c4), outs):  # add the ViT map of the matching depth, resized to the level
             s = level.shape[-1]

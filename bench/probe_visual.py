@@ -1,6 +1,7 @@
 """How fast does each image path teach the LLM to read images? Caption-only training from scratch, side by side.
 
     python bench/probe_visual.py [--variants mmfs qformer qformer+pooled pixels] [--steps 400] [--batch-size 32]
+    python bench/probe_visual.py --variants mmfs stem32 c1s2 --captions 128 --seed 1   # the SPM stem's settings
 
 Every variant starts from the same fresh `--small` model (same seed) and trains on the same batches of one kind of
 document only: `<s><BoI><image>×K` + the frame's scene sentence + `</s>`, the captioning case. Every `--every`
@@ -13,10 +14,21 @@ step where it first passes `--threshold` is when reading starts. The variants:
   qformer+pooled  --no-mmfs with MMConfig.pooled_visual (each visual token also gets a linear view of one cell of
                   the neck's grid);
   pixels          --no-mmfs, the K visual tokens replaced by a linear map of raw pixel cells (no ViT, no Q-Former):
-                  how fast this LLM learns to read the simplest possible image tokens.
+                  how fast this LLM learns to read the simplest possible image tokens;
+  stem32          the small model with the ViT-Adapter's SPM stem 32 channels wide instead of 16
+                  (ViTConfig.conv_inplane): the stem is the only part that sees every pixel of a 7-px object;
+  c1s2            the small model with the SPM's finest map c1 at stride 2 (ViTConfig.c1_stride: 32×32 instead of
+                  16×16, the stem's full resolution; the LLM then reads 32/8/4, the UNet 32/8/4/2);
+  c1s2+stem32     both.
 
-This is the probe behind the README's finding on the visual Q-Former. Seconds per step on a 2-core CPU: 0.23
-(pixels), 0.51-0.53 (qformer, qformer+pooled), 0.60 (mmfs); all four take about 13 minutes. The losses are seeded and
+`--captions N` then writes greedy captions for N held-out first frames and scores them as eval.py does (exact
+sentence, objects right, colour / shape / size at each object's place): the probe's losses say when reading
+starts, the captions what is read.
+
+This is the probe behind the README's findings on the visual Q-Former and on the SPM stem ("Two cheaper ways").
+Seconds per step on a 2-core CPU: 0.23 (pixels), 0.51-0.53 (qformer, qformer+pooled), 0.60-0.90 (mmfs), 0.71-0.83
+(stem32), 0.87 (c1s2), 0.85-1.03 (c1s2+stem32); the first four take about 13 minutes, and `--captions 128` adds
+about a minute per variant. The losses are seeded and
 repeated exactly between two runs on this machine.
 """
 import argparse
@@ -36,9 +48,10 @@ sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
 import llm  # noqa: E402
+import eval as evaluate  # noqa: E402
 import model as M  # noqa: E402
 
-VARIANTS = ("mmfs", "qformer", "qformer+pooled", "pixels")
+VARIANTS = ("mmfs", "qformer", "qformer+pooled", "pixels", "stem32", "c1s2", "c1s2+stem32")
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="image paths to compare")
@@ -48,6 +61,8 @@ ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (con
 ap.add_argument("--every", type=int, default=50, help="evaluate every N steps")
 ap.add_argument("--threshold", type=float, default=0.05, help="gap (nats per token) that counts as reading")
 ap.add_argument("--seed", type=int, default=0, help="seeds the init and the training stories")
+ap.add_argument("--captions", type=int, default=0, metavar="N",
+                help="after training, greedy captions of N held-out frames, scored as eval.py does")
 args = ap.parse_args()
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -73,7 +88,13 @@ def build(variant):
     torch.manual_seed(args.seed)
     cfg = M.preset("small", bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
-    if variant != "mmfs":
+    if "stem32" in variant:
+        cfg.vit = dataclasses.replace(cfg.vit, conv_inplane=32)
+    if "c1s2" in variant:  # c1 is 32×32; MMFS reads it in place of the 16×16 level there no longer is
+        cfg.vit = dataclasses.replace(cfg.vit, c1_stride=2)
+        cfg.llm = dataclasses.replace(cfg.llm, mmfs_levels=(32, *cfg.llm.mmfs_levels[1:]))
+        cfg.unet = dataclasses.replace(cfg.unet, mmfs_levels=(32, *cfg.unet.mmfs_levels[1:]))
+    if variant not in ("mmfs", "stem32", "c1s2", "c1s2+stem32"):
         cfg = M.without_mmfs(cfg)
     cfg.pooled_visual = variant == "qformer+pooled"
     net = M.MMInterleaved(cfg)
@@ -98,7 +119,7 @@ def caption_ce(net, ids, images):
     return F.cross_entropy(net.logits(h[:, :-1]).flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
-results = {}
+results, scores = {}, {}
 for variant in args.variants:
     net = build(variant)
     k, size = net.cfg.num_image_tokens, net.cfg.image_size
@@ -128,8 +149,19 @@ for variant in args.variants:
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
     results[variant] = (right, swapped, reads_at, (time.time() - t0) / args.steps)
+    if args.captions:
+        net.eval()
+        stories = [data.make_story("eval", args.seed, 1000 + i, size) for i in range(args.captions)]
+        with torch.no_grad():
+            captions = evaluate.caption_task(net, tok, stories, argparse.Namespace(batch_size=64))
+        scores[variant] = evaluate.score_captions(stories, captions)
 
 print(f"\n{'variant':>15} | CE right | CE swapped | reads from step (gap > {args.threshold}) | s/step")
 for variant, (right, swapped, reads_at, sps) in results.items():
     print(f"{variant:>15} | {right:8.4f} | {swapped:10.4f} | {'never' if reads_at is None else reads_at:>27} | "
           f"{sps:.2f}")
+if scores:
+    print(f"\n{'variant':>15} | {args.captions} held-out captions: exact | objects right | colour | shape | size")
+    for variant, sc in scores.items():
+        print(f"{variant:>15} | {sc['caption_exact']:21.1%} | {sc['caption_objects']:13.1%} | "
+              f"{sc['caption_colour']:6.1%} | {sc['caption_shape']:5.1%} | {sc['caption_size']:4.1%}")

@@ -1,4 +1,5 @@
 """vit.py: parity with transformers' CLIP, the ViT-Adapter's shapes / zero-init identity / gradients, bad input."""
+import dataclasses
 import json
 import re
 
@@ -122,6 +123,40 @@ def test_pyramid_is_resized_vit_maps_plus_position_when_the_spm_path_is_zero():
         vit_map = torch.nn.functional.interpolate(vit_map, size=(s, s), mode="bilinear", align_corners=False)
         pos = mmfs.pos_embed_2d(D, cfg.grid, s, s).T.reshape(1, D, s, s).double()
         torch.testing.assert_close(pyramid[level], vit_map + pos, rtol=1e-6, atol=1e-6)  # pos table is float32
+
+
+def test_c1_stride_2_keeps_the_stem_resolution_and_changes_only_c1():
+    """c1_stride 2: c1 = fc1(the stem before its max-pool) + the up-conv term + the ViT map + position, at twice the
+    side; the other three levels equal the stride-4 model's (same weights), since c2 still reads the pooled stem."""
+    torch.manual_seed(0)
+    cfg4 = PRESETS["tiny"]
+    cfg2 = dataclasses.replace(cfg4, c1_stride=2)
+    assert cfg2.pyramid_sizes == [2 * cfg4.pyramid_sizes[0]] + cfg4.pyramid_sizes[1:]
+    m4, m2 = ViTAdapter(cfg4).double().eval(), ViTAdapter(cfg2).double().eval()
+    with torch.no_grad():
+        m4.adapter_up.weight.zero_()  # drop the up-conv term, so c1 is the stem term + ViT map + position
+        m4.adapter_up.bias.zero_()
+    m2.load_state_dict(m4.state_dict())  # same keys: the stride changes no parameter
+    images = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        _, p4 = m4(images)
+        _, p2 = m2(images)
+        for a, b in zip(p4[1:], p2[1:]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        pixels = normalize(images)
+        spm_in = torch.nn.functional.interpolate(pixels, size=(cfg4.spm_size,) * 2, mode="bilinear",
+                                                 align_corners=False)
+        _, states = ViT.forward(m4, pixels, output_hidden_states=True)  # γ = 0 at init: the plain ViT's states
+        D, g, last = cfg4.hidden_size, cfg4.grid, cfg4.runs[0][1]
+        vit_map = states[last + 1][:, 1:].transpose(1, 2).reshape(2, D, g, g)
+        for m, p, stem in ((m4, p4, m4.adapter_spm.stem), (m2, p2, m2.adapter_spm.stem[:-1])):
+            s = m.cfg.pyramid_sizes[0]
+            want = (m.adapter_spm.fc1(stem(spm_in))
+                    + torch.nn.functional.interpolate(vit_map, size=(s, s), mode="bilinear", align_corners=False)
+                    + mmfs.pos_embed_2d(D, g, s, s).T.reshape(1, D, s, s).double())
+            torch.testing.assert_close(p[0], want, rtol=1e-6, atol=1e-6)  # pos table is float32
+    with pytest.raises(ValueError, match="c1_stride"):
+        ViTAdapter(dataclasses.replace(cfg4, c1_stride=3))
 
 
 def test_gradients_reach_every_trainable_parameter():
