@@ -74,6 +74,11 @@ class MMConfig:
     # the decoder Q-Former's tokens. Alone it gains little; with back_tokens it carries the bound phrases the
     # from-scratch Q-Former does not pass on (README: "What binds"). 0: off, as the authors
     direct_context: int = 0
+    # an experiment, off in every preset: in training, the UNet's MMFS is told a continuation frame has no previous
+    # image with this probability, so that such a frame must be drawn from the condition. With MMFS a continuation
+    # can copy its previous frame, and the text path learns mostly from first frames (README: "Text-to-image is
+    # better without MMFS")
+    mmfs_hide_prob: float = 0.0
     freeze_pretrained: bool = True  # paper: freeze CLIP, the LLM (not its MMFS blocks) and the VAE, as the authors
     # special ids of the tokenizer (the paper's are Vicuna's); <BoI> and <image> are the last two ids, llm.vocab_size-2/-1
     bos_id: int = 1
@@ -388,20 +393,24 @@ class MMInterleaved(nn.Module):
         return self.llm.hidden(inputs_embeds=embeds, images=values, image_mask=mask), pyramid
 
     def draws(self, x0, images_per_row, generator=None):
-        """The random draws of a training step: CFG dropout (ΣI,) bool, timesteps (ΣI,), noise like x0.
+        """The random draws of a training step: CFG dropout (ΣI,) bool, timesteps (ΣI,), noise like x0, and which
+        images MMFS sees without their previous image (ΣI,) bool (drawn last, and only when mmfs_hide_prob > 0, so
+        the other draws do not depend on it).
 
         `generator` is one torch.Generator or one per row; per-row generators make a row's draws independent of
         which other rows share its batch, so DDP ranks draw exactly what one process would."""
         gens = generator if isinstance(generator, (list, tuple)) else [generator]
         counts = list(map(int, images_per_row)) if len(gens) > 1 else [x0.shape[0]]
-        drop, t, noise = [], [], []
+        drop, t, noise, hide = [], [], [], []
         for gen, k in zip(gens, counts, strict=True):
             dev = gen.device if gen is not None else x0.device
             drop.append(torch.rand(k, generator=gen, device=dev) < self.cfg.uncond_prob)
             t.append(diffusion.sample_timesteps(k, self.cfg.schedule, gen, dev))
             noise.append(torch.randn((k, *x0.shape[1:]), generator=gen, device=dev))
+            p = self.cfg.mmfs_hide_prob
+            hide.append(torch.rand(k, generator=gen, device=dev) < p if p > 0 else torch.zeros(k, dtype=torch.bool))
         return (torch.cat(drop).to(x0.device), torch.cat(t).to(x0.device),
-                torch.cat(noise).to(x0.device, x0.dtype))
+                torch.cat(noise).to(x0.device, x0.dtype), torch.cat(hide).to(x0.device))
 
     def forward(self, tokens, images, images_per_row, generator=None, counts=None):
         """Training losses (§6.1) -> dict(loss, loss_txt, loss_img, n_txt, n_img).
@@ -422,14 +431,14 @@ class MMInterleaved(nn.Module):
         if n_img:
             cond, lengths = self.image_condition(h, rows, cols, start)                     # (ΣI, Q, ctx)
             x0 = self.to_diffusion_space(images)                                           # (ΣI, C, s, s)
-            drop, t, noise = self.draws(x0, images_per_row, generator)
+            drop, t, noise, hide = self.draws(x0, images_per_row, generator)
             cond = torch.where(drop[:, None, None], self.neg_prompt_embeds.to(cond.dtype), cond)  # learned negative
             # §5.4: no loss for a segment-opening image (context <s><BoI> only), so the UNet skips those; the draws
             # above were made for every image, so which images are kept never shifts another image's noise
             counted = lengths > 2                                                          # (ΣI,)
             keep = counted.nonzero(as_tuple=True)[0] if counted.any() else counted.new_zeros(1).long()  # (n,)
             x0, t, noise, cond, prev = x0[keep], t[keep], noise[keep], cond[keep], prev[keep]
-            feats, fmask = self.previous_features(pyramid, prev)
+            feats, fmask = self.previous_features(pyramid, prev.masked_fill(hide[keep], -1))  # mmfs_hide_prob
             pred = self.unet_forward(diffusion.q_sample(x0, t, noise, c.schedule), t, cond, feats, fmask)
             target = diffusion.training_target(x0, noise, t, c.schedule)
             per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)           # (n,)

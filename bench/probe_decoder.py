@@ -21,7 +21,8 @@ The variants differ only in what the UNet predicts (diffusion.Schedule.predictio
 
 Seconds per step on a 2-core CPU: 1.0-1.4; the three variants of 300 steps took 22 minutes with the evaluation.
 `--variants x0 --continuations 64` (the recipe's 1:2 mix of text-to-image and continuation frames) takes 3.8 s/step;
-`--t2i-weight W` weights the text-to-image frames' diffusion loss W times a continuation's (MMConfig.t2i_loss_weight).
+`--t2i-weight W` weights the text-to-image frames' diffusion loss W times a continuation's (MMConfig.t2i_loss_weight);
+`--hide-prev P` hides the previous frame from the UNet's MMFS for a share P of the continuations (mmfs_hide_prob).
 `--eval-every N` also scores every N steps (the learning rate is constant, so step N of a longer run is the N-step
 run), and `--frames out.png` saves 8 true frames beside the drawn ones.
 """
@@ -56,6 +57,9 @@ ap.add_argument("--continuations", type=int, default=0,
                      "text-to-image frame): does sharing the loss with them slow text-to-image down?")
 ap.add_argument("--t2i-weight", type=float, default=1.0,
                 help="diffusion-loss weight of the text-to-image frames against 1 for the continuations")
+ap.add_argument("--hide-prev", type=float, default=0.0, metavar="P",
+                help="MMConfig.mmfs_hide_prob: the UNet's MMFS sees no previous frame for this share of the "
+                     "continuation frames, which must then be drawn from the text")
 ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant, no warm-up)")
 ap.add_argument("--n", type=int, default=64, help="held-out stories to draw and score")
 ap.add_argument("--eval-every", type=int, default=0, help="also draw and score every N steps (a learning curve)")
@@ -79,6 +83,7 @@ def build(variant):
     cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
     cfg.schedule = dataclasses.replace(cfg.schedule, prediction_type=PREDICTION[variant])
     cfg.t2i_loss_weight = args.t2i_weight
+    cfg.mmfs_hide_prob = args.hide_prev
     if args.back_tokens is not None:
         cfg.back_tokens = args.back_tokens
     if args.direct_context is not None:

@@ -224,7 +224,8 @@ def test_skipping_segment_opening_images_keeps_the_loss():
         cond, lengths = net.image_condition(h, rows, cols, start)
         assert lengths.tolist() == [2, 2 + K + 2 + 1, 3]  # image 0 opens its segment
         x0 = net.to_diffusion_space(images)
-        drop, t, noise = net.draws(x0, per_row, torch.Generator().manual_seed(0))
+        drop, t, noise, hide = net.draws(x0, per_row, torch.Generator().manual_seed(0))
+        assert not hide.any()  # mmfs_hide_prob 0: MMFS sees every previous image
         cond = torch.where(drop[:, None, None], net.neg_prompt_embeds, cond)
         feats, fmask = net.previous_features(pyramid, prev)
         pred = net.unet_forward(diffusion.q_sample(x0, t, noise, net.cfg.schedule), t, cond, feats, fmask)
@@ -238,6 +239,19 @@ def test_skipping_segment_opening_images_keeps_the_loss():
     want3 = (err * torch.tensor([0.0, 1.0, 3.0])).sum() / 3
     assert err[1] > 0 and err[2] > 0
     torch.testing.assert_close(out["loss_img"], want3, rtol=1e-5, atol=0)
+    # mmfs_hide_prob 1: the continuation (image 1) is drawn as if it had no previous image; the other draws are the
+    # same (the hide draw comes last), so only its error changes, to what a masked MMFS input gives
+    net.cfg.t2i_loss_weight, net.cfg.mmfs_hide_prob = 1.0, 1.0
+    out = net(tokens, images, per_row, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        d2 = net.draws(x0, per_row, torch.Generator().manual_seed(0))
+        assert all(torch.equal(a, b) for a, b in zip(d2[:3], (drop, t, noise))) and d2[3].all()
+        feats, fmask = net.previous_features(pyramid, torch.full_like(prev, -1))
+        pred = net.unet_forward(diffusion.q_sample(x0, t, noise, net.cfg.schedule), t, cond, feats, fmask)
+        err_h = (pred - diffusion.training_target(x0, noise, t, net.cfg.schedule)).pow(2).flatten(1).mean(1)
+    assert (err_h[1] - err[1]).abs() > 1e-6  # the previous image mattered, so hiding it is seen
+    torch.testing.assert_close(err_h[2], err[2], rtol=1e-6, atol=0)  # image 2 had none to hide
+    torch.testing.assert_close(out["loss_img"], (err_h * torch.tensor([0.0, 1.0, 1.0])).sum() / 3, rtol=1e-5, atol=0)
 
 
 def test_no_counted_image_still_gives_every_unet_parameter_a_gradient():
