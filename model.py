@@ -402,13 +402,14 @@ class MMInterleaved(nn.Module):
         gens = generator if isinstance(generator, (list, tuple)) else [generator]
         counts = list(map(int, images_per_row)) if len(gens) > 1 else [x0.shape[0]]
         drop, t, noise, hide = [], [], [], []
+        p_hide = self.cfg.mmfs_hide_prob
         for gen, k in zip(gens, counts, strict=True):
             dev = gen.device if gen is not None else x0.device
             drop.append(torch.rand(k, generator=gen, device=dev) < self.cfg.uncond_prob)
             t.append(diffusion.sample_timesteps(k, self.cfg.schedule, gen, dev))
             noise.append(torch.randn((k, *x0.shape[1:]), generator=gen, device=dev))
-            p = self.cfg.mmfs_hide_prob
-            hide.append(torch.rand(k, generator=gen, device=dev) < p if p > 0 else torch.zeros(k, dtype=torch.bool))
+            hide.append(torch.rand(k, generator=gen, device=dev) < p_hide if p_hide > 0 else
+                        torch.zeros(k, dtype=torch.bool))
         return (torch.cat(drop).to(x0.device), torch.cat(t).to(x0.device),
                 torch.cat(noise).to(x0.device, x0.dtype), torch.cat(hide).to(x0.device))
 
