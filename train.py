@@ -56,6 +56,8 @@ size.add_argument("--small", action="store_true", help="the small recipe (defaul
 size.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
 size.add_argument("--paper", action="store_true", help="the paper model from --clip, --llm, --sd on --data")
 g.add_argument("--no-mmfs", action="store_true", help="ablation: no MMFS in the LLM or the UNet")
+g.add_argument("--mmfs-hide-prob", type=float, metavar="P", help="share of continuation frames whose UNet MMFS sees "
+               "no previous frame in training, so they train the text path too (MMConfig.mmfs_hide_prob, default 0)")
 g.add_argument("--data", metavar="JSONL", help="train on an interleaved JSONL corpus instead of ShapeStories")
 g.add_argument("--clip", metavar="DIR", help="--paper: a CLIP checkpoint directory (ViT-L/14)")
 g.add_argument("--llm", metavar="DIR", help="--paper: a LLaMA/Vicuna directory with its tokenizer.model")
@@ -97,6 +99,10 @@ autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cu
 preset_name = "tiny" if args.tiny else "paper" if args.paper else "small"
 if args.paper and not (args.resume or (args.clip and args.llm and args.sd and args.data)):
     fail("--paper needs --clip DIR, --llm DIR, --sd DIR (the pretrained parts) and --data JSONL")
+if args.no_mmfs and args.mmfs_hide_prob is not None:
+    fail("--mmfs-hide-prob needs MMFS; --no-mmfs has none to hide")
+if args.mmfs_hide_prob is not None and not 0 <= args.mmfs_hide_prob <= 1:
+    fail(f"--mmfs-hide-prob {args.mmfs_hide_prob} is not a probability in [0, 1]")
 if args.paper and args.no_mmfs:
     fail("--no-mmfs is an ablation of the small recipe; the paper preset always has MMFS")
 out = Path(args.out or PRESETS[preset_name]["out"])
@@ -109,7 +115,8 @@ try:
         if state_file.exists():
             fail(f"{out} already holds a run (step {weights.read_json(state_file)['step']}); pass --resume to "
                  "continue it or choose another --out")
-        settings = dict(PRESETS[preset_name], no_mmfs=args.no_mmfs, data=args.data, seed=args.seed,
+        settings = dict(PRESETS[preset_name], no_mmfs=args.no_mmfs, mmfs_hide_prob=args.mmfs_hide_prob,
+                        data=args.data, seed=args.seed,
                         parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
         for k in ("steps", "batch_size", "lr", "save_every"):
             if getattr(args, k) is not None:
@@ -160,6 +167,8 @@ else:
         cfg = M.without_mmfs(cfg)
     model = M.MMInterleaved(cfg).to(device)
 raw = model
+if getattr(S, "mmfs_hide_prob", None) is not None:  # a training-time draw only; sampling always shows MMFS everything
+    raw.cfg.mmfs_hide_prob = S.mmfs_hide_prob
 if ddp:
     model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
 n_params = sum(p.numel() for p in raw.parameters())

@@ -76,6 +76,23 @@ def test_corrupt_checkpoint_on_resume_is_a_clear_error(full_run, tmp_path):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot  # nothing touched
 
 
+def test_mmfs_hide_prob_flag_changes_the_run_and_survives_resume(full_run, tmp_path):
+    for bad, why in ((["--mmfs-hide-prob", "1.5"], "not a probability"),
+                     (["--mmfs-hide-prob", "0.5", "--no-mmfs"], "needs MMFS")):
+        r = run("--out", tmp_path / "bad", *bad)
+        assert r.returncode != 0 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "bad").exists()
+    out = tmp_path / "hide"
+    assert run("--out", out, "--mmfs-hide-prob", 1, "--stop-at", 3).returncode == 0
+    r = run("--out", out, "--resume")  # the setting comes back from the run's state, not from the command line
+    assert r.returncode == 0, r.stderr
+    net, _ = M.MMInterleaved.from_checkpoint(out)
+    assert net.cfg.mmfs_hide_prob == 1.0
+    hidden, shown = losses(out), losses(full_run)
+    assert len(hidden) == 6 and all(torch.isfinite(torch.tensor(hidden)))
+    assert hidden != shown  # continuation frames lose their previous image, so the diffusion loss moves
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     r = run("--out", tmp_path, "--lr", "1e30", "--save-every", 1)
     assert r.returncode != 0 and "loss is" in r.stderr and "Traceback" not in r.stderr
