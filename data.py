@@ -319,7 +319,13 @@ class Mention:
 
 def describe(objects, size):
     """The scene sentence naming every object (in the order given) with size, colour, shape and place."""
-    parts = [f"a {o.size} {o.colour} {o.shape} at the {place_of(o.x, o.y, size)}" for o in objects]
+    return scene_sentence([Mention(o.size, o.colour, o.shape, place_of(o.x, o.y, size)) for o in objects])
+
+
+def scene_sentence(mentions):
+    """Mentions (size, colour, shape, place) -> "there is a ... at the ...." / "there are ..., ... and ....": the
+    one template every scene sentence is written with (parse() reads it back)."""
+    parts = [f"a {m.size} {m.colour} {m.shape} at the {m.place}" for m in mentions]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"there {'is' if len(parts) == 1 else 'are'} {listed}."
 

@@ -51,10 +51,6 @@ def spread(cond, part):
     return float(c.std(0).pow(2).mean().sqrt() / c.pow(2).mean().sqrt().clamp(min=1e-12))
 
 
-def one_object(o):
-    return f"there is a {o['size']} {o['colour']} {o['shape']} at the {o['place']}."
-
-
 rng = np.random.default_rng(args.seed)
 bases = [{k: str(rng.choice(v)) for k, v in VALUES.items()} for _ in range(args.bases)]
 scenes = []  # held-out three-object scenes, their objects in the order the scene sentence names them
@@ -77,16 +73,11 @@ for path in args.checkpoint:
 
     rows = {}
     for attr, values in VALUES.items():
-        per_base = [conditions([one_object({**b, attr: v}) for v in values]) for b in bases]
+        per_base = [conditions([data.scene_sentence([data.Mention(**{**b, attr: v})]) for v in values]) for b in bases]
         rows[attr] = {g: np.mean([spread(c, p) for c in per_base]) for g, p in parts.items()}
     per_scene = []
     for objs in scenes:
-        sentences = []
-        for k in (1, 2, 3):
-            words = [f"a {o.size} {o.colour} {o.shape} at the {o.place}" for o in objs[:k]]
-            listed = words[0] if k == 1 else ", ".join(words[:-1]) + " and " + words[-1]
-            sentences.append(f"there {'is' if k == 1 else 'are'} {listed}.")
-        per_scene.append(conditions(sentences))
+        per_scene.append(conditions([data.scene_sentence(objs[:k]) for k in (1, 2, 3)]))
     rows["count"] = {g: np.mean([spread(c, p) for c in per_scene]) for g, p in parts.items()}
 
     print(f"\n{path}: spread of each group of condition tokens / its scale")

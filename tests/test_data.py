@@ -234,6 +234,7 @@ def test_parser_round_trip(seed, size):
     scene = D.parse(story.sentences[0])
     assert scene == [D.Mention(o.size, o.colour, o.shape, D.place_of(*o.anchor, size)) for o in story.objects[0]]
     assert D.describe(story.objects[0], size) == story.sentences[0]
+    assert D.scene_sentence(scene) == story.sentences[0]  # parse and the one template invert each other
     for text, ev in zip(story.sentences[1:], story.events[1:]):
         assert D.parse(text) == ev and D.say(ev) == text
         assert D.parse("  " + text.upper().replace(" ", "   ") + " ") == ev
