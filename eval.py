@@ -16,8 +16,12 @@ detector and parser of data.py read the outputs back), then `evaluate`, the tabl
      before text-to-image accuracy does.
 Every story i < --n of the eval split is used, so two checkpoints see the same prompts and, since the diffusion
 noise comes from one CPU generator seeded per task from --seed, the same noise (per batch: --batch-size matters).
-The JSON holds the settings and per checkpoint its metrics: fractions in [0, 1], errors in px, null where no story
-had such an object or event, or where a median error is infinite (over half of those objects missing: see *_found).
+Each fraction is printed ± its standard error over the eval stories (the story is the unit of sampling; the delta
+method), and with --compare a last column gives the paired difference, first minus second, ± its standard error.
+Neither error knows how much another training seed would move a run: that takes a second run.
+The JSON holds the settings and per checkpoint its metrics and their std_errors (with --compare, the difference):
+fractions in [0, 1], errors in px, null where no story had such an object or event, or where a median error is
+infinite (over half of those objects missing: see *_found).
 """
 import argparse
 import json
@@ -150,10 +154,39 @@ def condition_task(model, tok, stories, args):
 # ---------------------------------------------------------------------------------------------------------------
 # scoring: outputs in, metrics out (no model needed)
 
+class Ratio(float):
+    """A pooled fraction sum(num) / sum(den) over the stories that keeps its per-story terms, so that its sampling
+    error can be estimated with the story as the unit: a story's objects share one prompt and one noise draw, so
+    they are not independent samples. Everywhere else it is a plain float."""
+
+    def __new__(cls, num, den):
+        num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)     # (n_stories,) each
+        self = super().__new__(cls, num.sum() / den.sum())
+        self.num, self.den = num, den
+        return self
+
+    def influence(self):
+        """How much each story moves the ratio, to first order (the delta method): (num_i - R den_i) / sum(den)."""
+        return (self.num - float(self) * self.den) / self.den.sum()
+
+
+def ratio(num, den):
+    """Ratio of per-story counts; None when no story had anything to count."""
+    return Ratio(num, den) if sum(den) > 0 else None
+
+
 def rate(flags):
-    """Fraction of True among the applicable (non-None) flags; None when none applies."""
-    flags = [f for f in flags if f is not None]
-    return sum(map(bool, flags)) / len(flags) if flags else None
+    """Fraction of True among the applicable (non-None) flags, one per story; None when none applies."""
+    flags = list(flags)
+    return ratio([bool(f) for f in flags], [f is not None for f in flags])
+
+
+def std_error(influence):
+    """Standard error from per-story influence terms z_i (of one ratio, or z_a - z_b for a paired difference of
+    two checkpoints on the same stories): sqrt(n / (n - 1) * sum z_i^2). It measures which stories (and noise) the
+    evaluation drew, not the training run's own seed; nan for a single story."""
+    n = len(influence)
+    return math.sqrt(n / (n - 1) * float(np.sum(np.square(influence)))) if n > 1 else math.nan
 
 
 def median(errs):
@@ -164,9 +197,9 @@ def median(errs):
 def score_captions(stories, captions):
     """Exact-caption accuracy, the fraction of true objects the captions name right, and per attribute."""
     r = [data.score_caption(c, s.sentences[0]) for s, c in zip(stories, captions)]
-    n = sum(x["n_true"] for x in r)
-    return {"caption_exact": rate(x["exact"] for x in r), "caption_objects": sum(x["n_correct"] for x in r) / n,
-            **{f"caption_{a}": sum(x[f"n_{a}"] for x in r) / n for a in data.ATTRIBUTES}}
+    n = [x["n_true"] for x in r]
+    return {"caption_exact": rate(x["exact"] for x in r), "caption_objects": ratio([x["n_correct"] for x in r], n),
+            **{f"caption_{a}": ratio([x[f"n_{a}"] for x in r], n) for a in data.ATTRIBUTES}}
 
 
 def score_t2i(stories, frames):
@@ -176,10 +209,10 @@ def score_t2i(stories, frames):
     dets = [data.detect(f) for f in frames]
     r = [data.score_text_to_image(s.sentences[0], f, d) for s, f, d in zip(stories, frames, dets)]
     other = [data.score_text_to_image(stories[i - 1].sentences[0], f, d) for i, (f, d) in enumerate(zip(frames, dets))]
-    n = sum(x["n"] for x in r)
-    return {"t2i_objects": sum(x["found"] for x in r) / n, "t2i_exact": sum(x["exact"] for x in r) / n,
-            "t2i_extra": sum(x["extra"] for x in r) / len(r),
-            "t2i_objects_other": sum(x["found"] for x in other) / sum(x["n"] for x in other)}
+    n, one = [x["n"] for x in r], [1] * len(r)
+    return {"t2i_objects": ratio([x["found"] for x in r], n), "t2i_exact": ratio([x["exact"] for x in r], n),
+            "t2i_extra": ratio([x["extra"] for x in r], one),
+            "t2i_objects_other": ratio([x["found"] for x in other], [x["n"] for x in other])}
 
 
 def score_continuations(stories, frames):
@@ -189,18 +222,20 @@ def score_continuations(stories, frames):
     for role in ("unmoved", "moved"):
         errs = [e for x in r for e in x[f"{role}_err"]]
         out[f"{role}_median_px"] = median(errs)
-        out[f"{role}_found"] = rate(math.isfinite(e) for e in errs)
+        out[f"{role}_found"] = ratio([sum(map(math.isfinite, x[f"{role}_err"])) for x in r],
+                                     [len(x[f"{role}_err"]) for x in r])
         out[f"{role}_count"] = len(errs)
     out["appeared_ok"] = rate(x["appeared_ok"] for x in r)
     out["gone_ok"] = rate(x["gone_ok"] for x in r)
-    out["cont_extra"] = sum(x["extra"] for x in r) / len(r)
+    out["cont_extra"] = ratio([x["extra"] for x in r], [1] * len(r))
     return out
 
 
 def score_condition(stories, losses):
-    """Per timestep: 1 - mean own-condition loss / mean other-condition loss (> 0: the right text helps)."""
-    own, other = losses["own"].double().mean(0), losses["other"].double().mean(0)         # (len(CONDITION_T),)
-    return {f"cond_gap_t{pct}": float(1 - own[k] / other[k]) for k, pct in enumerate(CONDITION_T)}
+    """Per timestep: 1 - mean own-condition loss / mean other-condition loss (> 0: the right text helps), written as
+    the ratio sum(other - own) / sum(other) over the stories."""
+    own, other = losses["own"].double().numpy(), losses["other"].double().numpy()      # (n, len(CONDITION_T))
+    return {f"cond_gap_t{pct}": Ratio(other[:, k] - own[:, k], other[:, k]) for k, pct in enumerate(CONDITION_T)}
 
 
 def evaluate(model, tok, stories, args):
@@ -253,13 +288,40 @@ def finite(metrics):
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
 
 
+def std_errors(metrics):
+    """key -> standard error of each Ratio metric (its sampling error over the eval stories)."""
+    return {k: std_error(v.influence()) for k, v in metrics.items() if isinstance(v, Ratio)}
+
+
+def differences(a, b):
+    """key -> (a - b, its standard error) for the Ratio metrics of two checkpoints scored on the same stories: the
+    error of a paired difference, much smaller than either one's when both fail on the same hard stories."""
+    return {k: (float(v) - float(b[k]), std_error(v.influence() - b[k].influence()))
+            for k, v in a.items() if isinstance(v, Ratio) and isinstance(b.get(k), Ratio) and len(v.num) == len(b[k].num)}
+
+
+def cell(v, se, pct):
+    """A value with its standard error, e.g. "30.6% ± 2.3" (a fraction, in points) or "1.12 ± 0.05"."""
+    if v is None or se is None or not math.isfinite(se):
+        return fmt(v, pct)
+    return f"{100 * v:.1f}% ± {100 * se:.1f}" if pct else f"{v:.2f} ± {se:.2f}"
+
+
 def table(results):
-    """Metrics as rows, one column per checkpoint."""
+    """Metrics as rows, one column per checkpoint (value ± standard error over the eval stories); with two
+    checkpoints a last column holds the paired difference, first minus second, ± its standard error."""
     names = [r["checkpoint"] for r in results]
-    w0, w = max(len(label) for _, label, _ in ROWS), max(10, *map(len, names))
-    lines = [f"{'':<{w0}}  " + "  ".join(f"{n:>{w}}" for n in names)]
+    ses = [std_errors(r["metrics"]) for r in results]
+    diff = differences(results[0]["metrics"], results[1]["metrics"]) if len(results) == 2 else None
+    w0, w = max(len(label) for _, label, _ in ROWS), max(15, *map(len, names))
+    head = names + (["first - second"] if diff is not None else [])
+    lines = [f"{'':<{w0}}  " + "  ".join(f"{n:>{w}}" for n in head)]
     for key, label, pct in ROWS:
-        lines.append(f"{label:<{w0}}  " + "  ".join(f"{fmt(r['metrics'][key], pct):>{w}}" for r in results))
+        cells = [cell(r["metrics"][key], se.get(key), pct) for r, se in zip(results, ses)]
+        if diff is not None:
+            d, se = diff.get(key, (None, None))
+            cells.append("" if d is None else f"{100 * d:+.1f} ± {100 * se:.1f}" if pct else f"{d:+.2f} ± {se:.2f}")
+        lines.append(f"{label:<{w0}}  " + "  ".join(f"{c:>{w}}" for c in cells))
     return "\n".join(lines)
 
 
@@ -340,8 +402,12 @@ def main(argv=None):
         del model  # one model in memory at a time
     print(table(results))
     settings = {k: getattr(args, k) for k in ("n", "seed", "steps", "guidance", "sampler", "batch_size")}
-    report = {"settings": settings, "results": [{"checkpoint": r["checkpoint"], "metrics": finite(r["metrics"])}
-                                                for r in results]}
+    report = {"settings": settings,
+              "results": [{"checkpoint": r["checkpoint"], "metrics": finite(r["metrics"]),
+                           "std_errors": finite(std_errors(r["metrics"]))} for r in results]}
+    if len(results) == 2:  # first minus second on the same stories, and the standard error of that difference
+        report["difference"] = {k: finite(dict(value=d, std_error=se)) for k, (d, se) in
+                                differences(results[0]["metrics"], results[1]["metrics"]).items()}
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
     weights.atomic_write_text(out, json.dumps(report, indent=2, allow_nan=False) + "\n")
     log(f"wrote {out}")
