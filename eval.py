@@ -294,10 +294,11 @@ def std_errors(metrics):
 
 
 def differences(a, b):
-    """key -> (a - b, its standard error) for the Ratio metrics of two checkpoints scored on the same stories: the
-    error of a paired difference, much smaller than either one's when both fail on the same hard stories."""
-    return {k: (float(v) - float(b[k]), std_error(v.influence() - b[k].influence()))
-            for k, v in a.items() if isinstance(v, Ratio) and isinstance(b.get(k), Ratio) and len(v.num) == len(b[k].num)}
+    """key -> (a - b, its standard error) for the Ratio metrics of two checkpoints scored on the same stories. Paired:
+    smaller than either run's own error where both find the same stories hard, no smaller where they do not."""
+    same = [k for k, v in a.items() if isinstance(v, Ratio) and isinstance(b.get(k), Ratio)
+            and len(v.num) == len(b[k].num)]
+    return {k: (float(a[k]) - float(b[k]), std_error(a[k].influence() - b[k].influence())) for k in same}
 
 
 def cell(v, se, pct):

@@ -51,6 +51,11 @@ def spread(cond, part):
     return float(c.std(0).pow(2).mean().sqrt() / c.pow(2).mean().sqrt().clamp(min=1e-12))
 
 
+def one_object(o):
+    """{size, colour, shape, place} -> its one-object scene sentence."""
+    return data.scene_sentence([data.Mention(**o)])
+
+
 rng = np.random.default_rng(args.seed)
 bases = [{k: str(rng.choice(v)) for k, v in VALUES.items()} for _ in range(args.bases)]
 scenes = []  # held-out three-object scenes, their objects in the order the scene sentence names them
@@ -73,7 +78,7 @@ for path in args.checkpoint:
 
     rows = {}
     for attr, values in VALUES.items():
-        per_base = [conditions([data.scene_sentence([data.Mention(**{**b, attr: v})]) for v in values]) for b in bases]
+        per_base = [conditions([one_object({**b, attr: v}) for v in values]) for b in bases]
         rows[attr] = {g: np.mean([spread(c, p) for c in per_base]) for g, p in parts.items()}
     per_scene = []
     for objs in scenes:
