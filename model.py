@@ -186,6 +186,10 @@ class MMInterleaved(nn.Module):
         if c.decoder.hidden_size != c.unet.cross_attention_dim:
             raise ValueError(f"MMConfig: decoder.hidden_size ({c.decoder.hidden_size}) must equal "
                              f"unet.cross_attention_dim ({c.unet.cross_attention_dim})")
+        if not 0 <= c.mmfs_hide_prob <= 1:  # `not` so that NaN fails too
+            raise ValueError(f"MMConfig: mmfs_hide_prob {c.mmfs_hide_prob} is not a probability in [0, 1]")
+        if c.mmfs_hide_prob > 0 and not c.unet.mmfs:
+            raise ValueError(f"MMConfig: mmfs_hide_prob {c.mmfs_hide_prob} needs the UNet's MMFS (unet.mmfs is off)")
         self.vit = parts["vit"] if "vit" in parts else vit_lib.ViTAdapter(c.vit)
         self.neck = Neck(c.vit.hidden_size, c.vit.grid)
         self.resampler = resampler_lib.Resampler(c.resampler)

@@ -159,16 +159,21 @@ if parts:  # the released CLIP / LLaMA / SD weights, strictly loaded; the new mo
     except (weights.WeightsError, ValueError, OSError) as e:
         fail(str(e).splitlines()[0])
     cfg = model.cfg
+    if getattr(S, "mmfs_hide_prob", None) is not None:  # the paper model always has MMFS; range checked above
+        cfg.mmfs_hide_prob = S.mmfs_hide_prob
     model = model.to(device)
 else:
     cfg = M.preset(S.model, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
     if S.no_mmfs:
         cfg = M.without_mmfs(cfg)
-    model = M.MMInterleaved(cfg).to(device)
+    if getattr(S, "mmfs_hide_prob", None) is not None:  # a training-time draw; sampling always shows MMFS everything
+        cfg.mmfs_hide_prob = S.mmfs_hide_prob
+    try:
+        model = M.MMInterleaved(cfg).to(device)
+    except ValueError as e:
+        fail(str(e))
 raw = model
-if getattr(S, "mmfs_hide_prob", None) is not None:  # a training-time draw only; sampling always shows MMFS everything
-    raw.cfg.mmfs_hide_prob = S.mmfs_hide_prob
 if ddp:
     model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
 n_params = sum(p.numel() for p in raw.parameters())

@@ -166,6 +166,18 @@ def test_pooled_visual_needs_a_square_token_count():
         M.MMInterleaved(cfg)
 
 
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
+def test_mmfs_hide_prob_outside_0_1_is_refused(p):
+    with pytest.raises(ValueError, match="mmfs_hide_prob .* not a probability"):
+        M.MMInterleaved(M.preset("tiny", mmfs_hide_prob=p))
+
+
+def test_mmfs_hide_prob_needs_the_unets_mmfs():
+    with pytest.raises(ValueError, match="needs the UNet's MMFS"):
+        M.MMInterleaved(M.without_mmfs(M.preset("tiny", mmfs_hide_prob=0.5)))
+    assert M.MMInterleaved(M.without_mmfs(M.preset("tiny"))).cfg.mmfs_hide_prob == 0  # 0 needs nothing
+
+
 def test_segment_opening_images_get_no_diffusion_loss(net):
     # every image directly follows <s>: context [<s>, <BoI>], length 2 -> no loss (§5.4), text loss still there
     r0 = [BOS] + image_run() + [10, 11, EOS, BOS] + image_run() + [12, EOS]
