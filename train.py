@@ -58,6 +58,8 @@ size.add_argument("--paper", action="store_true", help="the paper model from --c
 g.add_argument("--no-mmfs", action="store_true", help="ablation: no MMFS in the LLM or the UNet")
 g.add_argument("--mmfs-hide-prob", type=float, metavar="P", help="share of continuation frames whose UNet MMFS sees "
                "no previous frame in training, so they train the text path too (MMConfig.mmfs_hide_prob, default 0)")
+g.add_argument("--prediction-type", choices=["v_prediction", "sample", "epsilon"], help="what the UNet predicts "
+               "(the small recipe: v_prediction; sample = x0). Saved in the checkpoint, so sampling follows it")
 g.add_argument("--data", metavar="JSONL", help="train on an interleaved JSONL corpus instead of ShapeStories")
 g.add_argument("--clip", metavar="DIR", help="--paper: a CLIP checkpoint directory (ViT-L/14)")
 g.add_argument("--llm", metavar="DIR", help="--paper: a LLaMA/Vicuna directory with its tokenizer.model")
@@ -103,6 +105,8 @@ if args.no_mmfs and args.mmfs_hide_prob is not None:
     fail("--mmfs-hide-prob needs MMFS; --no-mmfs has none to hide")
 if args.mmfs_hide_prob is not None and not 0 <= args.mmfs_hide_prob <= 1:
     fail(f"--mmfs-hide-prob {args.mmfs_hide_prob} is not a probability in [0, 1]")
+if args.paper and args.prediction_type:
+    fail("--prediction-type is for the recipes trained from scratch; the paper UNet keeps its scheduler's")
 if args.paper and args.no_mmfs:
     fail("--no-mmfs is an ablation of the small recipe; the paper preset always has MMFS")
 out = Path(args.out or PRESETS[preset_name]["out"])
@@ -116,6 +120,7 @@ try:
             fail(f"{out} already holds a run (step {weights.read_json(state_file)['step']}); pass --resume to "
                  "continue it or choose another --out")
         settings = dict(PRESETS[preset_name], no_mmfs=args.no_mmfs, mmfs_hide_prob=args.mmfs_hide_prob,
+                        prediction_type=args.prediction_type,
                         data=args.data, seed=args.seed,
                         parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
         for k in ("steps", "batch_size", "lr", "save_every"):
@@ -167,6 +172,8 @@ else:
     cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
     if S.no_mmfs:
         cfg = M.without_mmfs(cfg)
+    if getattr(S, "prediction_type", None):
+        cfg.schedule = dataclasses.replace(cfg.schedule, prediction_type=S.prediction_type)
     if getattr(S, "mmfs_hide_prob", None) is not None:  # a training-time draw; sampling always shows MMFS everything
         cfg.mmfs_hide_prob = S.mmfs_hide_prob
     try:

@@ -93,6 +93,18 @@ def test_mmfs_hide_prob_flag_changes_the_run_and_survives_resume(full_run, tmp_p
     assert hidden != shown  # continuation frames lose their previous image, so the diffusion loss moves
 
 
+def test_prediction_type_flag_reaches_the_checkpoint_and_survives_resume(full_run, tmp_path):
+    out = tmp_path / "x0"
+    assert run("--out", out, "--prediction-type", "sample", "--stop-at", 3).returncode == 0
+    r = run("--out", out, "--resume")  # the setting comes back from the run's state
+    assert r.returncode == 0, r.stderr
+    net, _ = M.MMInterleaved.from_checkpoint(out)
+    assert net.cfg.schedule.prediction_type == "sample"  # what eval.py and sample.py then decode with
+    assert M.MMInterleaved.from_checkpoint(full_run)[0].cfg.schedule.prediction_type == "v_prediction"
+    x0, v = losses(out), losses(full_run)
+    assert len(x0) == 6 and all(torch.isfinite(torch.tensor(x0))) and x0 != v
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     r = run("--out", tmp_path, "--lr", "1e30", "--save-every", 1)
     assert r.returncode != 0 and "loss is" in r.stderr and "Traceback" not in r.stderr
