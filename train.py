@@ -58,6 +58,8 @@ size.add_argument("--paper", action="store_true", help="the paper model from --c
 g.add_argument("--no-mmfs", action="store_true", help="ablation: no MMFS in the LLM or the UNet")
 g.add_argument("--mmfs-hide-prob", type=float, metavar="P", help="share of continuation frames whose UNet MMFS sees "
                "no previous frame in training, so they train the text path too (MMConfig.mmfs_hide_prob, default 0)")
+g.add_argument("--mmfs-max-side", type=int, metavar="N", help="the UNet's MMFS residuals only on maps of side <= N "
+               "(the small recipe: 16, leaving out the two 32x32 maps; 0: on every map, as the paper)")
 g.add_argument("--prediction-type", choices=["v_prediction", "sample", "epsilon"], help="what the UNet predicts "
                "(the small recipe: v_prediction; sample = x0). Saved in the checkpoint, so sampling follows it")
 g.add_argument("--data", metavar="JSONL", help="train on an interleaved JSONL corpus instead of ShapeStories")
@@ -105,6 +107,9 @@ if args.no_mmfs and args.mmfs_hide_prob is not None:
     fail("--mmfs-hide-prob needs MMFS; --no-mmfs has none to hide")
 if args.mmfs_hide_prob is not None and not 0 <= args.mmfs_hide_prob <= 1:
     fail(f"--mmfs-hide-prob {args.mmfs_hide_prob} is not a probability in [0, 1]")
+if args.mmfs_max_side is not None and (args.paper or args.no_mmfs or args.mmfs_max_side < 0):
+    fail(f"--mmfs-max-side {args.mmfs_max_side}: " + ("the paper model keeps MMFS on every map" if args.paper else
+         "--no-mmfs has no MMFS residuals" if args.no_mmfs else "a map side is >= 0 (0: every map)"))
 if args.paper and args.prediction_type:
     fail("--prediction-type is for the recipes trained from scratch; the paper UNet keeps its scheduler's")
 if args.paper and args.no_mmfs:
@@ -121,6 +126,7 @@ try:
                  "continue it or choose another --out")
         settings = dict(PRESETS[preset_name], no_mmfs=args.no_mmfs, mmfs_hide_prob=args.mmfs_hide_prob,
                         prediction_type=args.prediction_type,
+                        mmfs_max_side=args.mmfs_max_side,
                         data=args.data, seed=args.seed,
                         parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
         for k in ("steps", "batch_size", "lr", "save_every"):
@@ -172,6 +178,8 @@ else:
     cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
     if S.no_mmfs:
         cfg = M.without_mmfs(cfg)
+    if getattr(S, "mmfs_max_side", None) is not None:
+        cfg.unet = dataclasses.replace(cfg.unet, mmfs_max_side=S.mmfs_max_side)
     if getattr(S, "prediction_type", None):
         cfg.schedule = dataclasses.replace(cfg.schedule, prediction_type=S.prediction_type)
     if getattr(S, "mmfs_hide_prob", None) is not None:  # a training-time draw; sampling always shows MMFS everything

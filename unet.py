@@ -136,7 +136,7 @@ PRESETS = {  # the MMFS pyramids are vit.PRESETS' (16/8/4/2 levels of 32 channel
                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), attention_head_dim=4,
                         cross_attention_dim=128, mmfs=True, mmfs_dim=64, mmfs_value_dim=128,
                         mmfs_levels=(16, 8, 4, 2), mmfs_heads=4, mmfs_points=4, mmfs_pos_grid=32,
-                        mmfs_max_side=16),  # the two 32x32 residuals would cost 3/4 of MMFS's time
+                        mmfs_max_side=16),  # the two 32x32 residuals: +0.3 s on a 2.0 s training step
     "paper": UNetConfig(mmfs=True),  # SD 2.1-base
 }
 
@@ -504,6 +504,6 @@ class MMFSNet(nn.Module):
         if tuple(mask.shape) != (B, n):
             raise ValueError(f"UNet: mmfs_mask must be (B, n) = ({B}, {n}), got {tuple(mask.shape)}")
         value = torch.cat([rearrange(f, "b n c h w -> b n (h w) c") for f in features], dim=2)  # (B, n, ΣHW, C_img)
-        skips = [s if isinstance(block, nn.Identity) else s + block(s, value, mask)
-                 for s, block in zip(skips, self.blocks[:-1], strict=True)]
-        return mid + self.blocks[-1](mid, value, mask), skips
+        mid, *skips = [h if isinstance(block, nn.Identity) else h + block(h, value, mask)  # the mid too can be large
+                       for h, block in zip([mid, *skips], [self.blocks[-1], *self.blocks[:-1]], strict=True)]
+        return mid, skips

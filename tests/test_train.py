@@ -105,6 +105,20 @@ def test_prediction_type_flag_reaches_the_checkpoint_and_survives_resume(full_ru
     assert len(x0) == 6 and all(torch.isfinite(torch.tensor(x0))) and x0 != v
 
 
+def test_mmfs_max_side_flag_reaches_the_checkpoint(tmp_path):
+    r = run("--out", tmp_path / "bad", "--mmfs-max-side", "8", "--no-mmfs")
+    assert r.returncode != 0 and "--no-mmfs" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "side16"  # the tiny UNet draws 32x32: its two 32x32 maps get no residual, the 16x16 ones do
+    assert run("--out", out, "--mmfs-max-side", 16, "--stop-at", 2).returncode == 0
+    net, _ = M.MMInterleaved.from_checkpoint(out)
+    residuals = [not isinstance(b, torch.nn.Identity) for b in net.unet.mmfs.blocks]
+    assert net.cfg.unet.mmfs_max_side == 16 and any(residuals) and not all(residuals)
+    r = run("--out", tmp_path / "side8", "--mmfs-max-side", 8, "--stop-at", 1)  # none at all, the mid block included
+    assert r.returncode == 0, r.stderr
+    assert all(not isinstance(b, torch.nn.Identity) for b in M.MMInterleaved(M.preset("tiny")).unet.mmfs.blocks)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     r = run("--out", tmp_path, "--lr", "1e30", "--save-every", 1)
     assert r.returncode != 0 and "loss is" in r.stderr and "Traceback" not in r.stderr
