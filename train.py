@@ -164,14 +164,14 @@ tok = llm.Tokenizer(tok_path)
 # model
 
 torch.manual_seed(S.seed)
+# a training-time draw, checked by the model like every MMConfig field; sampling always shows MMFS everything
+hide = {} if getattr(S, "mmfs_hide_prob", None) is None else dict(mmfs_hide_prob=S.mmfs_hide_prob)
 if parts:  # the released CLIP / LLaMA / SD weights, strictly loaded; the new modules from their init
     try:
-        model, _ = M.MMInterleaved.from_components(parts["clip"], parts["llm"], parts["sd"])
+        model, _ = M.MMInterleaved.from_components(parts["clip"], parts["llm"], parts["sd"], **hide)
     except (weights.WeightsError, ValueError, OSError) as e:
         fail(str(e).splitlines()[0])
     cfg = model.cfg
-    if getattr(S, "mmfs_hide_prob", None) is not None:  # the paper model always has MMFS; range checked above
-        cfg.mmfs_hide_prob = S.mmfs_hide_prob
     model = model.to(device)
 else:
     cfg = M.preset(S.model, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
@@ -182,8 +182,7 @@ else:
         cfg.unet = dataclasses.replace(cfg.unet, mmfs_max_side=S.mmfs_max_side)
     if getattr(S, "prediction_type", None):
         cfg.schedule = dataclasses.replace(cfg.schedule, prediction_type=S.prediction_type)
-    if getattr(S, "mmfs_hide_prob", None) is not None:  # a training-time draw; sampling always shows MMFS everything
-        cfg.mmfs_hide_prob = S.mmfs_hide_prob
+    cfg = dataclasses.replace(cfg, **hide)
     try:
         model = M.MMInterleaved(cfg).to(device)
     except ValueError as e:

@@ -504,6 +504,9 @@ class MMFSNet(nn.Module):
         if tuple(mask.shape) != (B, n):
             raise ValueError(f"UNet: mmfs_mask must be (B, n) = ({B}, {n}), got {tuple(mask.shape)}")
         value = torch.cat([rearrange(f, "b n c h w -> b n (h w) c") for f in features], dim=2)  # (B, n, ΣHW, C_img)
-        mid, *skips = [h if isinstance(block, nn.Identity) else h + block(h, value, mask)  # the mid too can be large
-                       for h, block in zip([mid, *skips], [self.blocks[-1], *self.blocks[:-1]], strict=True)]
-        return mid, skips
+
+        def residual(h, block):  # a map larger than mmfs_max_side (the mid's too) has an Identity placeholder: none
+            return h if isinstance(block, nn.Identity) else h + block(h, value, mask)
+
+        skips = [residual(s, block) for s, block in zip(skips, self.blocks[:-1], strict=True)]
+        return residual(mid, self.blocks[-1]), skips
