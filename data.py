@@ -537,14 +537,17 @@ def apply_event(objects, event, size):
 
 
 def score_continuation(previous, event, frame):
-    """Continuation consistency: centroid errors (px; inf if the object is missing) of unmoved and moved objects."""
+    """Continuation consistency: centroid errors (px; inf if the object is missing) of unmoved and moved objects,
+    and of the unmoved ones again with any colour (`unmoved_shape_err`: matched on shape alone), which tells a copy
+    drawn in place in the wrong colour from one not drawn at all."""
     event = parse(event) if isinstance(event, str) else event
     size = _as_hwc(frame).shape[0]
     expected = apply_event(previous, event, size)
     det = detect(frame)
     present = [(o, r) for o, r in expected if r != "gone"]
     found = dict(match([o for o, _ in present], det))
-    res = {"unmoved_err": [], "moved_err": [], "appeared_ok": None, "gone_ok": None,
+    by_shape = dict(match([o for o, _ in present], det, keys=("shape",)))
+    res = {"unmoved_err": [], "moved_err": [], "unmoved_shape_err": [], "appeared_ok": None, "gone_ok": None,
            "extra": len(det) - len(found)}
     for i, (o, role) in enumerate(present):
         d = det[found[i]] if i in found else None
@@ -552,6 +555,9 @@ def score_continuation(previous, event, frame):
             res["appeared_ok"] = d is not None and d.size == event.size and place_of(d.x, d.y, size) == event.place
         else:
             res[f"{role}_err"].append(math.inf if d is None else math.hypot(d.x - o.x, d.y - o.y))
+        if role == "unmoved":
+            d = det[by_shape[i]] if i in by_shape else None
+            res["unmoved_shape_err"].append(math.inf if d is None else math.hypot(d.x - o.x, d.y - o.y))
     for o, role in expected:
         if role == "gone":
             res["gone_ok"] = all((d.colour, d.shape) != (o.colour, o.shape) for d in det)

@@ -21,7 +21,7 @@ method), and with --compare a last column gives the paired difference, first min
 Neither error knows how much another training seed would move a run: that takes a second run.
 The JSON holds the settings and per checkpoint its metrics and their std_errors (with --compare, the difference):
 fractions in [0, 1], errors in px, null where no story had such an object or event, or where a median error is
-infinite (over half of those objects missing: see *_found).
+infinite (over half of those objects missing: see *_found; *_found_px is the median over the found ones alone).
 """
 import argparse
 import json
@@ -222,9 +222,17 @@ def score_continuations(stories, frames):
     for role in ("unmoved", "moved"):
         errs = [e for x in r for e in x[f"{role}_err"]]
         out[f"{role}_median_px"] = median(errs)
+        # the same over the objects the detector found: how exact the copy is where there is one (the goal counts
+        # a missing object as infinitely far, so this one can be small while the median above is inf)
+        out[f"{role}_found_px"] = median([e for e in errs if math.isfinite(e)])
         out[f"{role}_found"] = ratio([sum(map(math.isfinite, x[f"{role}_err"])) for x in r],
                                      [len(x[f"{role}_err"]) for x in r])
         out[f"{role}_count"] = len(errs)
+    # the unmoved objects matched on shape alone (any colour): the same median and fraction found
+    errs = [e for x in r for e in x["unmoved_shape_err"]]
+    out["unmoved_shape_median_px"] = median(errs)
+    out["unmoved_shape_found"] = ratio([sum(map(math.isfinite, x["unmoved_shape_err"])) for x in r],
+                                       [len(x["unmoved_shape_err"]) for x in r])
     out["appeared_ok"] = rate(x["appeared_ok"] for x in r)
     out["gone_ok"] = rate(x["gone_ok"] for x in r)
     out["cont_extra"] = ratio([x["extra"] for x in r], [1] * len(r))
@@ -267,8 +275,12 @@ ROWS = [  # (key, label, as a percentage?)
     ("t2i_objects_other", "text->image: found for another story's text", True),
     ("unmoved_median_px", "continuation: unmoved median error (px)", False),
     ("unmoved_found", "continuation: unmoved found", True),
+    ("unmoved_found_px", "continuation: unmoved found: median error (px)", False),
+    ("unmoved_shape_median_px", "continuation: unmoved, any colour: median error (px)", False),
+    ("unmoved_shape_found", "continuation: unmoved, any colour: found", True),
     ("moved_median_px", "continuation: moved median error (px)", False),
     ("moved_found", "continuation: moved found", True),
+    ("moved_found_px", "continuation: moved found: median error (px)", False),
     ("appeared_ok", "continuation: appeared right", True),
     ("gone_ok", "continuation: disappeared right", True),
     ("cont_extra", "continuation: extra objects / frame", False),

@@ -289,6 +289,15 @@ def test_score_text_to_image_and_continuation():
             ev = story.events[k]
             r = D.score_continuation(story.objects[k - 1], story.sentences[k], story.images[k])
             assert all(e < 1e-9 for e in r["unmoved_err"] + r["moved_err"]) and r["extra"] == 0
+            assert len(r["unmoved_shape_err"]) == len(r["unmoved_err"]) and max(r["unmoved_shape_err"], default=0) < 1e-9
+            # the true next frame with every colour swapped for the next one of the palette: the unmoved objects
+            # are in place but none is found; matched on shape alone they all are, where they should be
+            recol = story.images[k].copy()
+            for c, new_c in zip(D.COLOURS, D.COLOURS[1:] + D.COLOURS[:1]):
+                recol[(story.images[k] == D.PALETTE[c]).all(-1)] = D.PALETTE[new_c]
+            rc = D.score_continuation(story.objects[k - 1], ev, recol)
+            assert all(e > 1e-9 for e in rc["unmoved_err"])  # none where it should be (inf, or another object)
+            assert max(rc["unmoved_shape_err"], default=0) < 1e-9
             assert r["appeared_ok"] is (True if ev.kind == "appear" else None)
             assert r["gone_ok"] is (True if ev.kind == "disappear" else None)
             assert len(r["moved_err"]) == (ev.kind == "move")

@@ -21,10 +21,11 @@ from model import MMInterleaved
 ev = importlib.import_module("eval")  # `import eval` would shadow the builtin
 ROOT = Path(__file__).resolve().parent.parent
 FRACTIONS = ["caption_exact", "caption_objects", "caption_colour", "caption_shape", "caption_size", "t2i_objects",
-             "t2i_exact", "unmoved_found", "moved_found", "appeared_ok", "gone_ok"]
+             "t2i_exact", "unmoved_found", "moved_found", "appeared_ok", "gone_ok", "unmoved_shape_found"]
 GAPS = ["cond_gap_t100", "cond_gap_t60", "cond_gap_t30"]
 KEYS = set(FRACTIONS) | set(GAPS) | {"t2i_extra", "t2i_objects_other", "unmoved_median_px", "unmoved_count",
-                                     "moved_median_px", "moved_count", "cont_extra"}
+                                     "moved_median_px", "moved_count", "cont_extra", "unmoved_found_px",
+                                     "moved_found_px", "unmoved_shape_median_px"}
 
 
 def _args(**kw):
@@ -91,6 +92,8 @@ def test_scoring_ground_truth_is_perfect(loaded):
     for k in FRACTIONS:
         assert metrics[k] == 1.0, k
     assert metrics["unmoved_median_px"] == 0.0 and metrics["moved_median_px"] == 0.0
+    assert metrics["unmoved_found_px"] == 0.0 and metrics["moved_found_px"] == 0.0
+    assert metrics["unmoved_shape_median_px"] == 0.0
     assert metrics["unmoved_count"] > 0 and metrics["moved_count"] > 0
     assert metrics["t2i_extra"] == 0.0 and metrics["cont_extra"] == 0.0
     # the chance level: another story's objects are in a true frame only by coincidence
@@ -105,7 +108,24 @@ def test_scoring_blank_frames_fail(loaded):
     assert metrics["t2i_objects"] == 0.0 and metrics["t2i_exact"] == 0.0 and metrics["t2i_objects_other"] == 0.0
     assert metrics["unmoved_found"] == 0.0 and metrics["unmoved_median_px"] == math.inf
     assert ev.finite(metrics)["unmoved_median_px"] is None  # JSON has no inf
+    assert metrics["unmoved_found_px"] is None  # nothing found: no error to take a median of
+    assert metrics["unmoved_shape_found"] == 0.0 and metrics["unmoved_shape_median_px"] == math.inf
     assert metrics["caption_exact"] == 1.0  # the text side still answered with the truth
+
+
+def test_found_median_leaves_out_the_missing(monkeypatch):
+    # two stories' continuation scores, built by hand: 2 of 5 unmoved objects found, at 1 and 3 px; no moved object
+    scores = iter([{"unmoved_err": [1.0, math.inf, math.inf], "moved_err": [], "appeared_ok": None, "gone_ok": None,
+                    "extra": 0, "unmoved_shape_err": [1.0, 0.5, math.inf]},
+                   {"unmoved_err": [3.0, math.inf], "moved_err": [], "appeared_ok": None, "gone_ok": None,
+                    "extra": 1, "unmoved_shape_err": [3.0, 2.0]}])
+    monkeypatch.setattr(data, "score_continuation", lambda *a: next(scores))
+    m = ev.score_continuations(_stories(2), [None, None])
+    assert m["unmoved_found"] == pytest.approx(2 / 5) and m["unmoved_median_px"] == math.inf
+    assert m["unmoved_found_px"] == 2.0  # the median of 1 and 3: the missing ones are left out, not counted as inf
+    assert m["moved_found_px"] is None and m["moved_median_px"] is None and m["moved_found"] is None
+    # matched on shape alone, 4 of the 5 are there: the median of 0.5, 1, 2, 3, inf
+    assert m["unmoved_shape_found"] == pytest.approx(4 / 5) and m["unmoved_shape_median_px"] == 2.0
 
 
 def test_tasks_are_seeded(loaded):
@@ -164,7 +184,8 @@ def test_cli_compare_writes_json_and_images(tiny_checkpoint, tmp_path, capsys):
     for k in FRACTIONS:
         v = a["metrics"][k]
         assert v is None or (math.isfinite(v) and 0 <= v <= 1), (k, v)
-    for k in ("t2i_extra", "cont_extra", "unmoved_median_px", "moved_median_px"):
+    for k in ("t2i_extra", "cont_extra", "unmoved_median_px", "moved_median_px", "unmoved_found_px", "moved_found_px",
+              "unmoved_shape_median_px"):
         v = a["metrics"][k]
         assert v is None or (math.isfinite(v) and v >= 0), (k, v)
     assert a["metrics"]["unmoved_count"] + a["metrics"]["moved_count"] > 0
