@@ -1,0 +1,126 @@
+"""Seconds per training step of `train.py --small`, for recipe variants side by side, with peak memory.
+
+    python bench/bench_step.py                                   # every variant, 8 steps each
+    python bench/bench_step.py --variants preset bf16 --steps 10
+
+Each variant runs in its own subprocess (so its peak memory is its own) on the same batches: the ones
+`train.py --small --seed 0` trains on first, with the same model, AdamW groups, gradient clipping and EMA. A step is
+timed in three parts: forward, backward, and the update (clipping, AdamW, EMA). The first `--warmup` steps are not
+timed (allocator and oneDNN warm-up). The variants:
+
+  preset        train.py --small as it is;
+  bf16          the same under torch.autocast(bfloat16) (train.py uses it on CUDA; on a CPU it needs AVX512-BF16
+                or AMX to pay, and train.py keeps float32 there);
+  mmfs32        --mmfs-max-side 0: the UNet's MMFS residuals on the two 32x32 maps too;
+  c1s2+mmfs32   that, with the ViT-Adapter's finest map c1 at 32x32 (ViTConfig.c1_stride 2): the 32x32 residuals
+                then read a 32x32 map of the previous frame (the pyramid becomes 32/8/4/2).
+
+The ratio column is each variant's step time over the first variant's, measured in this one run. Do not run it beside
+a training run: two 2-thread processes on 2 cores slow each other several-fold.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+import llm  # noqa: E402
+import model as M  # noqa: E402
+
+VARIANTS = ("preset", "bf16", "mmfs32", "c1s2+mmfs32")
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time")
+ap.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: time one variant, print JSON
+args = ap.parse_args()
+
+
+def build(variant, tok):
+    """The --small model of `variant`, initialised as train.py does (seed 0)."""
+    cfg = M.preset("small", bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
+    if "mmfs32" in variant:
+        cfg.unet = dataclasses.replace(cfg.unet, mmfs_max_side=0)
+    if "c1s2" in variant:  # c1 is 32x32; MMFS reads it in place of the 16x16 level there no longer is
+        cfg.vit = dataclasses.replace(cfg.vit, c1_stride=2)
+        cfg.llm = dataclasses.replace(cfg.llm, mmfs_levels=(32, *cfg.llm.mmfs_levels[1:]))
+        cfg.unet = dataclasses.replace(cfg.unet, mmfs_levels=(32, *cfg.unet.mmfs_levels[1:]))
+    torch.manual_seed(0)
+    return M.MMInterleaved(cfg)
+
+
+def run_one(variant):
+    """-> mean seconds per part over the timed steps, this process's peak RSS (MiB) and the last loss."""
+    small = {"batch_size": 4, "seq_len": 512, "lr": 1e-3, "ema": 0.995}  # train.py's PRESETS["small"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = llm.Tokenizer.train(data.story_corpus(2000, 0), os.path.join(tmp, "tok"), 400)
+    net = build(variant, tok)
+    net.train()
+    # one AdamW group instead of train.py's four: the groups change learning rates and decay, not the cost
+    opt = torch.optim.AdamW(net.parameters(), lr=small["lr"], betas=(0.9, 0.99), weight_decay=0.05)
+    ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    cfg = net.cfg
+    batches = data.StoryBatches(tok, cfg.num_image_tokens, small["seq_len"], small["batch_size"],
+                                cfg.llm.max_images - 1, 0, cfg.image_size, prefixes=True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16")
+    parts = {"forward": 0.0, "backward": 0.0, "update": 0.0}
+    for step in range(args.warmup + args.steps):
+        batch = batches.batch(step, 0, 1)
+        gens = [torch.Generator().manual_seed(step * small["batch_size"] + j) for j in range(small["batch_size"])]
+        t0 = time.perf_counter()
+        with autocast:
+            res = net(batch["tokens"], batch["images"], batch["images_per_row"], generator=gens)
+        t1 = time.perf_counter()
+        res["loss"].backward()
+        t2 = time.perf_counter()
+        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for k, v in net.state_dict().items():
+                if k in trainable:
+                    ema[k].lerp_(v, 1 - small["ema"])
+        t3 = time.perf_counter()
+        if not torch.isfinite(res["loss"]):
+            sys.exit(f"bench_step.py: {variant}: loss is {res['loss'].item()} at step {step}")
+        if step >= args.warmup:
+            parts["forward"] += (t1 - t0) / args.steps
+            parts["backward"] += (t2 - t1) / args.steps
+            parts["update"] += (t3 - t2) / args.steps
+    parts["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    parts["loss_last"] = float(res["loss"])
+    return parts
+
+
+if args.one:
+    print(json.dumps(run_one(args.one)))
+    sys.exit(0)
+
+print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} timed steps after {args.warmup}")
+print(f"{'variant':<14} {'forward':>8} {'backward':>9} {'update':>7} {'step s':>7} {'ratio':>6} {'peak MiB':>9}")
+first = None
+for v in args.variants:
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", v, "--steps", str(args.steps),
+           "--warmup", str(args.warmup)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"bench_step.py: variant {v} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    p = json.loads(r.stdout.strip().splitlines()[-1])
+    total = p["forward"] + p["backward"] + p["update"]
+    first = first or total
+    print(f"{v:<14} {p['forward']:>8.3f} {p['backward']:>9.3f} {p['update']:>7.3f} {total:>7.3f} "
+          f"{total / first:>6.2f} {p['peak_mib']:>9.0f}", flush=True)
