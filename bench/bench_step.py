@@ -9,8 +9,8 @@ timed in three parts: forward, backward, and the update (clipping, AdamW, EMA). 
 timed (allocator and oneDNN warm-up). The variants:
 
   preset        train.py --small as it is;
-  bf16          the same under torch.autocast(bfloat16) (train.py uses it on CUDA; on a CPU it needs AVX512-BF16
-                or AMX to pay, and train.py keeps float32 there);
+  bf16          the same under torch.autocast(bfloat16), as train.py runs on CUDA (on the 2-core EPYC with
+                AVX512-BF16 it was 6 % slower than float32, so train.py keeps float32 on a CPU);
   mmfs32        --mmfs-max-side 0: the UNet's MMFS residuals on the two 32x32 maps too;
   c1s2+mmfs32   that, with the ViT-Adapter's finest map c1 at 32x32 (ViTConfig.c1_stride 2): the 32x32 residuals
                 then read a 32x32 map of the previous frame (the pyramid becomes 32/8/4/2).
