@@ -220,7 +220,8 @@ def score_continuations(stories, frames):
     """Median centroid errors (px) of unmoved / moved objects over all stories, fractions found, event checks."""
     r = [data.score_continuation(s.objects[0], s.events[1], f) for s, f in zip(stories, frames)]
     out = {}
-    for role in ("unmoved", "moved"):
+    # unmoved_shape: the unmoved objects matched on shape alone (any colour), scored the same way
+    for role in ("unmoved", "moved", "unmoved_shape"):
         errs = [e for x in r for e in x[f"{role}_err"]]
         out[f"{role}_median_px"] = median(errs)
         # the same over the objects the detector found: how exact the copy is where there is one (the goal counts
@@ -229,11 +230,6 @@ def score_continuations(stories, frames):
         out[f"{role}_found"] = ratio([sum(map(math.isfinite, x[f"{role}_err"])) for x in r],
                                      [len(x[f"{role}_err"]) for x in r])
         out[f"{role}_count"] = len(errs)
-    # the unmoved objects matched on shape alone (any colour): the same median and fraction found
-    errs = [e for x in r for e in x["unmoved_shape_err"]]
-    out["unmoved_shape_median_px"] = median(errs)
-    out["unmoved_shape_found"] = ratio([sum(map(math.isfinite, x["unmoved_shape_err"])) for x in r],
-                                       [len(x["unmoved_shape_err"]) for x in r])
     out["appeared_ok"] = rate(x["appeared_ok"] for x in r)
     out["gone_ok"] = rate(x["gone_ok"] for x in r)
     out["cont_extra"] = ratio([x["extra"] for x in r], [1] * len(r))

@@ -25,7 +25,8 @@ FRACTIONS = ["caption_exact", "caption_objects", "caption_colour", "caption_shap
 GAPS = ["cond_gap_t100", "cond_gap_t60", "cond_gap_t30"]
 KEYS = set(FRACTIONS) | set(GAPS) | {"t2i_extra", "t2i_objects_other", "unmoved_median_px", "unmoved_count",
                                      "moved_median_px", "moved_count", "cont_extra", "unmoved_found_px",
-                                     "moved_found_px", "unmoved_shape_median_px"}
+                                     "moved_found_px", "unmoved_shape_median_px", "unmoved_shape_found_px",
+                                     "unmoved_shape_count"}
 
 
 def _args(**kw):

@@ -116,6 +116,8 @@ def test_mmfs_max_side_flag_reaches_the_checkpoint(tmp_path):
     assert net.cfg.unet.mmfs_max_side == 16 and any(residuals) and not all(residuals)
     r = run("--out", tmp_path / "side8", "--mmfs-max-side", 8, "--stop-at", 1)  # none at all, the mid block included
     assert r.returncode == 0, r.stderr
+    net, _ = M.MMInterleaved.from_checkpoint(tmp_path / "side8")
+    assert all(isinstance(b, torch.nn.Identity) for b in net.unet.mmfs.blocks)
     assert all(not isinstance(b, torch.nn.Identity) for b in M.MMInterleaved(M.preset("tiny")).unet.mmfs.blocks)
 
 
