@@ -230,6 +230,12 @@ def score_continuations(stories, frames):
         out[f"{role}_found"] = ratio([sum(map(math.isfinite, x[f"{role}_err"])) for x in r],
                                      [len(x[f"{role}_err"]) for x in r])
         out[f"{role}_count"] = len(errs)
+    # the unmoved objects found, per kind of event: copying works when the event only adds an object; a move, a
+    # turn or a disappearance also asks which object the words name, and a wrong guess loses a bystander
+    for kind in data.EVENT_WEIGHTS:
+        out[f"unmoved_found_{kind}"] = ratio(
+            [sum(map(math.isfinite, x["unmoved_err"])) if s.events[1].kind == kind else 0 for s, x in zip(stories, r)],
+            [len(x["unmoved_err"]) if s.events[1].kind == kind else 0 for s, x in zip(stories, r)])
     out["appeared_ok"] = rate(x["appeared_ok"] for x in r)
     out["gone_ok"] = rate(x["gone_ok"] for x in r)
     out["cont_extra"] = ratio([x["extra"] for x in r], [1] * len(r))
@@ -273,6 +279,7 @@ ROWS = [  # (key, label, as a percentage?)
     ("unmoved_median_px", "continuation: unmoved median error (px)", False),
     ("unmoved_found", "continuation: unmoved found", True),
     ("unmoved_found_px", "continuation: unmoved found: median error (px)", False),
+    *[(f"unmoved_found_{k}", f"continuation: unmoved found, {k} events", True) for k in data.EVENT_WEIGHTS],
     ("unmoved_shape_median_px", "continuation: unmoved, any colour: median error (px)", False),
     ("unmoved_shape_found", "continuation: unmoved, any colour: found", True),
     ("moved_median_px", "continuation: moved median error (px)", False),

@@ -21,7 +21,8 @@ from model import MMInterleaved
 ev = importlib.import_module("eval")  # `import eval` would shadow the builtin
 ROOT = Path(__file__).resolve().parent.parent
 FRACTIONS = ["caption_exact", "caption_objects", "caption_colour", "caption_shape", "caption_size", "t2i_objects",
-             "t2i_exact", "unmoved_found", "moved_found", "appeared_ok", "gone_ok", "unmoved_shape_found"]
+             "t2i_exact", "unmoved_found", "moved_found", "appeared_ok", "gone_ok", "unmoved_shape_found",
+             *[f"unmoved_found_{k}" for k in data.EVENT_WEIGHTS]]
 GAPS = ["cond_gap_t100", "cond_gap_t60", "cond_gap_t30"]
 KEYS = set(FRACTIONS) | set(GAPS) | {"t2i_extra", "t2i_objects_other", "unmoved_median_px", "unmoved_count",
                                      "moved_median_px", "moved_count", "cont_extra", "unmoved_found_px",
@@ -127,6 +128,15 @@ def test_found_median_leaves_out_the_missing(monkeypatch):
     assert m["moved_found_px"] is None and m["moved_median_px"] is None and m["moved_found"] is None
     # matched on shape alone, 4 of the 5 are there: the median of 0.5, 1, 2, 3, inf
     assert m["unmoved_shape_found"] == pytest.approx(4 / 5) and m["unmoved_shape_median_px"] == 2.0
+    # per kind of event: each story's found / unmoved under its own event's kind; kinds no story had are None
+    kinds = [s.events[1].kind for s in _stories(2)]
+    want = {k: [0, 0] for k in kinds}
+    for k, (found, n) in zip(kinds, [(1, 3), (1, 2)]):
+        want[k][0] += found
+        want[k][1] += n
+    for k in data.EVENT_WEIGHTS:
+        got = m[f"unmoved_found_{k}"]
+        assert got is None if k not in want else got == pytest.approx(want[k][0] / want[k][1]), k
 
 
 def test_tasks_are_seeded(loaded):
