@@ -44,6 +44,7 @@ ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class
 ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time")
 ap.add_argument("--steps", type=int, default=8, help="timed steps per variant")
 ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+ap.add_argument("--batch-size", type=int, default=2, help="packed sequences per step (train.py --small: 2)")
 ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: time one variant, print JSON
 args = ap.parse_args()
 
@@ -64,7 +65,7 @@ def build(variant, tok):
 
 def run_one(variant):
     """-> mean seconds per part over the timed steps, this process's peak RSS (MiB) and the last loss."""
-    small = {"batch_size": 4, "seq_len": 512, "lr": 1e-3, "ema": 0.995}  # train.py's PRESETS["small"]
+    small = {"batch_size": args.batch_size, "seq_len": 512, "lr": 1e-3, "ema": 0.995}  # train.py's PRESETS["small"]
     with tempfile.TemporaryDirectory() as tmp:
         tok = llm.Tokenizer.train(data.story_corpus(2000, 0), os.path.join(tmp, "tok"), 400)
     net = build(variant, tok)
@@ -110,12 +111,13 @@ if args.one:
     print(json.dumps(run_one(args.one)))
     sys.exit(0)
 
-print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} timed steps after {args.warmup}")
+print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch_size}; {args.steps} timed steps "
+      f"after {args.warmup}")
 print(f"{'variant':<14} {'forward':>8} {'backward':>9} {'update':>7} {'step s':>7} {'ratio':>6} {'peak MiB':>9}")
 first = None
 for v in args.variants:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", v, "--steps", str(args.steps),
-           "--warmup", str(args.warmup)]
+           "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"bench_step.py: variant {v} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
