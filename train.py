@@ -29,6 +29,7 @@ import torch.nn as nn
 import data
 import llm
 import model as M
+import unet
 import weights
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,6 +62,8 @@ g.add_argument("--mmfs-hide-prob", type=float, metavar="P", help="share of conti
                "no previous frame in training, so they train the text path too (MMConfig.mmfs_hide_prob, default 0)")
 g.add_argument("--mmfs-max-side", type=int, metavar="N", help="the UNet's MMFS residuals only on maps of side <= N "
                "(the small recipe: 16, leaving out the two 32x32 maps; 0: on every map, as the paper)")
+g.add_argument("--unet-attn-side", type=int, metavar="N", help="attention (self and cross) in every UNet block on "
+               "a map of side <= N (the small recipe: 8, only the 8x8 blocks; 16 adds the 16x16 ones)")
 g.add_argument("--prediction-type", choices=["v_prediction", "sample", "epsilon"], help="what the UNet predicts "
                "(the small recipe: v_prediction; sample = x0). Saved in the checkpoint, so sampling follows it")
 g.add_argument("--data", metavar="JSONL", help="train on an interleaved JSONL corpus instead of ShapeStories")
@@ -108,6 +111,9 @@ if args.no_mmfs and args.mmfs_hide_prob is not None:
     fail("--mmfs-hide-prob needs MMFS; --no-mmfs has none to hide")
 if args.mmfs_hide_prob is not None and not 0 <= args.mmfs_hide_prob <= 1:
     fail(f"--mmfs-hide-prob {args.mmfs_hide_prob} is not a probability in [0, 1]")
+if args.unet_attn_side is not None and (args.paper or args.unet_attn_side < 1):
+    fail(f"--unet-attn-side {args.unet_attn_side}: " + ("the paper model keeps SD's blocks" if args.paper else
+                                                         "must be >= 1"))
 if args.mmfs_max_side is not None and (args.paper or args.no_mmfs or args.mmfs_max_side < 0):
     fail(f"--mmfs-max-side {args.mmfs_max_side}: " + ("the paper model keeps MMFS on every map" if args.paper else
          "--no-mmfs has no MMFS residuals" if args.no_mmfs else "a map side is >= 0 (0: every map)"))
@@ -127,7 +133,7 @@ try:
                  "continue it or choose another --out")
         settings = dict(PRESETS[preset_name], no_mmfs=args.no_mmfs, mmfs_hide_prob=args.mmfs_hide_prob,
                         prediction_type=args.prediction_type,
-                        mmfs_max_side=args.mmfs_max_side,
+                        mmfs_max_side=args.mmfs_max_side, unet_attn_side=args.unet_attn_side,
                         data=args.data, seed=args.seed,
                         parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
         for k in ("steps", "batch_size", "lr", "save_every"):
@@ -181,6 +187,8 @@ else:
         cfg = M.without_mmfs(cfg)
     if getattr(S, "mmfs_max_side", None) is not None:
         cfg.unet = dataclasses.replace(cfg.unet, mmfs_max_side=S.mmfs_max_side)
+    if getattr(S, "unet_attn_side", None) is not None:
+        cfg.unet = unet.with_attention(cfg.unet, S.unet_attn_side)
     if getattr(S, "prediction_type", None):
         cfg.schedule = dataclasses.replace(cfg.schedule, prediction_type=S.prediction_type)
     cfg = dataclasses.replace(cfg, **hide)

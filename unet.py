@@ -124,6 +124,17 @@ def config_from_json(cls, path, class_name, unsupported, overrides):
         raise ValueError(f"{path}: {e}") from None
 
 
+def with_attention(c, max_side):
+    """A copy of config `c` in which every block on a map of side <= max_side (at sample_size) has attention (self-
+    and cross-attention, as SD's blocks); the blocks on larger maps keep their type. Block i of the down path works at
+    side sample_size / 2^i, and the up path mirrors it."""
+    n = len(c.block_out_channels)
+    sides = [max(c.sample_size >> i, 1) for i in range(n)]                   # down path; the up path is reversed
+    down = tuple("CrossAttnDownBlock2D" if s <= max_side else t for t, s in zip(c.down_block_types, sides))
+    up = tuple("CrossAttnUpBlock2D" if s <= max_side else t for t, s in zip(c.up_block_types, sides[::-1]))
+    return dataclasses.replace(c, down_block_types=down, up_block_types=up)
+
+
 PRESETS = {  # the MMFS pyramids are vit.PRESETS' (16/8/4/2 levels of 32 channels for tiny, of 128 for small)
     "tiny": UNetConfig(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

@@ -121,6 +121,20 @@ def test_mmfs_max_side_flag_reaches_the_checkpoint(tmp_path):
     assert all(not isinstance(b, torch.nn.Identity) for b in M.MMInterleaved(M.preset("tiny")).unet.mmfs.blocks)
 
 
+def test_unet_attn_side_flag_reaches_the_checkpoint_and_resume(tmp_path):
+    r = run("--out", tmp_path / "bad", "--unet-attn-side", "0")
+    assert r.returncode != 0 and "--unet-attn-side" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "attn"
+    assert run("--out", out, "--unet-attn-side", 64, "--stop-at", 1).returncode == 0
+    c = M.MMInterleaved.from_checkpoint(out)[0].cfg.unet
+    assert set(c.down_block_types) == {"CrossAttnDownBlock2D"} and set(c.up_block_types) == {"CrossAttnUpBlock2D"}
+    assert set(M.preset("tiny").unet.down_block_types) != {"CrossAttnDownBlock2D"}  # so the flag did it
+    r = run("--out", out, "--resume")  # the flag is a setting of the run: the resumed run builds the same UNet
+    assert r.returncode == 0, r.stderr
+    assert M.MMInterleaved.from_checkpoint(out)[0].cfg.unet.down_block_types == c.down_block_types
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     r = run("--out", tmp_path, "--lr", "1e30", "--save-every", 1)
     assert r.returncode != 0 and "loss is" in r.stderr and "Traceback" not in r.stderr

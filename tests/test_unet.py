@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import mmfs
 import weights
-from unet import PRESETS, UNet, UNetConfig
+from unet import PRESETS, UNet, UNetConfig, with_attention
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -215,10 +215,11 @@ def test_gradients_reach_mmfs_parameters():
 # presets and key layout
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "paper"])
+@pytest.mark.parametrize("name", ["tiny", "small", "paper", "small+attn16"])
 def test_presets_match_diffusers_keys(name):
-    """Every preset's plain UNet has exactly the state-dict keys and shapes of the diffusers model of that config."""
-    c = PRESETS[name]
+    """Every preset's plain UNet (and the small one with attention at 16x16 too, train.py --unet-attn-side 16) has
+    exactly the state-dict keys and shapes of the diffusers model of that config."""
+    c = with_attention(PRESETS["small"], 16) if name == "small+attn16" else PRESETS[name]
     fields = ("in_channels", "out_channels", "sample_size", "block_out_channels", "layers_per_block",
               "down_block_types", "up_block_types", "attention_head_dim", "cross_attention_dim",
               "use_linear_projection", "norm_num_groups", "norm_eps", "flip_sin_to_cos", "freq_shift")
@@ -232,6 +233,16 @@ def test_presets_match_diffusers_keys(name):
         assert sum(p.numel() for p in ref.parameters()) == 865_910_724
         assert 56e6 < sum(p.numel() for p in ours.mmfs.parameters()) < 59e6
         assert len(ours.mmfs.blocks) == 13
+
+
+def test_with_attention_turns_the_blocks_at_and_below_a_side():
+    c = PRESETS["small"]  # 32x32 pixels: down blocks at 32, 16, 8; the up path mirrors them
+    assert with_attention(c, 8) == c  # the preset has attention at 8x8 already
+    c16 = with_attention(c, 16)
+    assert c16.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    assert c16.up_block_types == ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    assert set(with_attention(c, 32).down_block_types) == {"CrossAttnDownBlock2D"}
+    assert c.down_block_types == ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")  # a copy: c is unchanged
 
 
 # ----------------------------------------------------------------------------------------------------------------
