@@ -10,7 +10,8 @@ detector and parser of data.py read the outputs back), then `evaluate`, the tabl
   2. text-to-image: `<s>` scene sentence `<BoI>` -> a frame, the objects it names looked up by colour and shape;
   3. continuation: first frame, scene sentence, first event, `<BoI>` -> the next frame; centroid errors (px) of the
      objects the event left alone and of the moved one against where the event put it (inf when missing), and of
-     the unmoved ones matched on shape alone (a copy in place in the wrong colour counts there);
+     the unmoved ones matched on shape alone (a copy in place in the wrong colour counts there), and the unmoved
+     ones found per kind of event (an object appears / moves / turns / disappears);
   4. condition: does the UNet listen to the text at all? Each first frame is noised once per timestep and denoised
      under its own scene sentence's condition and under the previous story's; the gap is 1 - own loss / other loss
      (0: the text is ignored; it grows as the drawing follows the words). No sampling: cheap, and it moves long
