@@ -108,6 +108,17 @@ class MMConfig:
                 kw[name] = kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw[name].items()})
         return cls(**kw)
 
+    @classmethod
+    def from_metadata(cls, meta, file):
+        """The config save_pretrained writes into a safetensors file's metadata (`file` names it in errors)."""
+        if not meta or "config" not in meta:
+            raise weights.WeightsError(f"{file}: no model config in the safetensors metadata (not an MMInterleaved "
+                                       "checkpoint written by train.py)")
+        try:
+            return cls.from_dict(json.loads(meta["config"]))
+        except (TypeError, ValueError) as e:
+            raise weights.WeightsError(f"{file}: bad model config in the metadata ({e})") from None
+
 
 def preset(name, **overrides):
     """A fresh MMConfig for "tiny" (tests), "small" (train.py --small) or "paper" (the released sizes)."""
@@ -606,13 +617,7 @@ class MMInterleaved(nn.Module):
             raise weights.WeightsError(f"{directory}: checkpoint directory not found")
         file = directory / "model.safetensors"
         state, meta = weights.load_state(file)
-        if not meta or "config" not in meta:
-            raise weights.WeightsError(f"{file}: no model config in the safetensors metadata (not an MMInterleaved "
-                                       "checkpoint written by train.py)")
-        try:
-            cfg = MMConfig.from_dict(json.loads(meta["config"]))
-        except (TypeError, ValueError) as e:
-            raise weights.WeightsError(f"{file}: bad model config in the metadata ({e})") from None
+        cfg = MMConfig.from_metadata(meta, file)
         with torch.device("meta"):  # no random init of weights that are overwritten next (paper: 13B of them)
             model = cls(cfg)
         weights.load_into(model, state, str(file), dtype)

@@ -180,6 +180,12 @@ if parts:  # the released CLIP / LLaMA / SD weights, strictly loaded; the new mo
         fail(str(e).splitlines()[0])
     cfg = model.cfg
     model = model.to(device)
+elif args.resume:  # the model the run was built with (saved with each checkpoint), whatever the preset is today
+    try:
+        cfg = M.MMConfig.from_metadata(weights.load_state(out / "model.safetensors")[1], out / "model.safetensors")
+        model = M.MMInterleaved(cfg).to(device)
+    except (weights.WeightsError, ValueError, OSError) as e:
+        fail(f"cannot resume from {out}: {str(e).splitlines()[0]}")
 else:
     cfg = M.preset(S.model, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)

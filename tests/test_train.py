@@ -74,6 +74,13 @@ def test_corrupt_checkpoint_on_resume_is_a_clear_error(full_run, tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "raw.safetensors" in r.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot  # nothing touched
+    # the EMA file holds the config --resume builds the model from: truncated, it is named in the error
+    (out / "model.safetensors").write_bytes((full_run / "model.safetensors").read_bytes()[:1000])
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = run("--out", out, "--resume")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "model.safetensors" in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
 
 
 def test_mmfs_hide_prob_flag_changes_the_run_and_survives_resume(full_run, tmp_path):
@@ -121,7 +128,7 @@ def test_mmfs_max_side_flag_reaches_the_checkpoint(tmp_path):
     assert all(not isinstance(b, torch.nn.Identity) for b in M.MMInterleaved(M.preset("tiny")).unet.mmfs.blocks)
 
 
-def test_unet_attn_side_flag_reaches_the_checkpoint_and_resume(tmp_path):
+def test_unet_attn_side_flag_reaches_the_checkpoint_and_resume_keeps_it(tmp_path):
     r = run("--out", tmp_path / "bad", "--unet-attn-side", "0")
     assert r.returncode != 0 and "--unet-attn-side" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
@@ -130,7 +137,12 @@ def test_unet_attn_side_flag_reaches_the_checkpoint_and_resume(tmp_path):
     c = M.MMInterleaved.from_checkpoint(out)[0].cfg.unet
     assert set(c.down_block_types) == {"CrossAttnDownBlock2D"} and set(c.up_block_types) == {"CrossAttnUpBlock2D"}
     assert set(M.preset("tiny").unet.down_block_types) != {"CrossAttnDownBlock2D"}  # so the flag did it
-    r = run("--out", out, "--resume")  # the flag is a setting of the run: the resumed run builds the same UNet
+    # --resume builds the model from the config saved with the checkpoint, not from the preset and flags: drop the
+    # flag from the run's settings, as if the run had started under a preset that had this attention built in
+    state = json.loads((out / "train" / "state.json").read_text())
+    del state["settings"]["unet_attn_side"]
+    (out / "train" / "state.json").write_text(json.dumps(state))
+    r = run("--out", out, "--resume")
     assert r.returncode == 0, r.stderr
     assert M.MMInterleaved.from_checkpoint(out)[0].cfg.unet.down_block_types == c.down_block_types
 
