@@ -40,8 +40,9 @@ PRESETS = {
     "tiny": dict(model="tiny", steps=6, batch_size=2, seq_len=256, lr=1e-3, warmup=2, vocab=300, corpus=200,
                  ema=0.0, unet_lr_scale=1.0, prefixes=True, log_every=1, save_every=3, out="out/tiny"),
     # train.py --small: everything from scratch on ShapeStories, <= 60 min on a 2-core CPU (README)
-    # 2 x 2400 rather than 4 x 1200 (the same frames, twice the updates): better images on two seeds (README)
-    "small": dict(model="small", steps=2400, batch_size=2, seq_len=512, lr=1e-3, warmup=50, vocab=400, corpus=2000,
+    # 2 x 2100: batch 2 rather than 4 gave better images on two seeds; 2100 steps rather than 2400 pay for the UNet's
+    # attention at 16x16 (~1.4 s a step on the 2-core CPU) within the budget (README)
+    "small": dict(model="small", steps=2100, batch_size=2, seq_len=512, lr=1e-3, warmup=50, vocab=400, corpus=2000,
                   ema=0.995, unet_lr_scale=1.0, prefixes=True, log_every=10, save_every=100,
                   out="out/small"),
     # the released sizes from CLIP ViT-L/14, Vicuna-13B and SD 2.1-base (--clip/--llm/--sd) on a --data corpus: the
@@ -62,8 +63,9 @@ g.add_argument("--mmfs-hide-prob", type=float, metavar="P", help="share of conti
                "no previous frame in training, so they train the text path too (MMConfig.mmfs_hide_prob, default 0)")
 g.add_argument("--mmfs-max-side", type=int, metavar="N", help="the UNet's MMFS residuals only on maps of side <= N "
                "(the small recipe: 16, leaving out the two 32x32 maps; 0: on every map, as the paper)")
-g.add_argument("--unet-attn-side", type=int, metavar="N", help="attention (self and cross) in every UNet block on "
-               "a map of side <= N (the small recipe: 8, only the 8x8 blocks; 16 adds the 16x16 ones)")
+g.add_argument("--unet-attn-side", metavar="N[,M]", help="attention (self and cross) in every UNet block on a map of "
+               "side <= N, none on larger ones; N,M: N for the down path, M for the up path, where the previous "
+               "frame's MMFS residuals arrive (the small recipe: 16; 8 leaves only the 8x8 blocks)")
 g.add_argument("--prediction-type", choices=["v_prediction", "sample", "epsilon"], help="what the UNet predicts "
                "(the small recipe: v_prediction; sample = x0). Saved in the checkpoint, so sampling follows it")
 g.add_argument("--data", metavar="JSONL", help="train on an interleaved JSONL corpus instead of ShapeStories")
@@ -111,9 +113,12 @@ if args.no_mmfs and args.mmfs_hide_prob is not None:
     fail("--mmfs-hide-prob needs MMFS; --no-mmfs has none to hide")
 if args.mmfs_hide_prob is not None and not 0 <= args.mmfs_hide_prob <= 1:
     fail(f"--mmfs-hide-prob {args.mmfs_hide_prob} is not a probability in [0, 1]")
-if args.unet_attn_side is not None and (args.paper or args.unet_attn_side < 1):
-    fail(f"--unet-attn-side {args.unet_attn_side}: " + ("the paper model keeps SD's blocks" if args.paper else
-                                                         "must be >= 1"))
+if args.unet_attn_side is not None:
+    sides = args.unet_attn_side.split(",")
+    if args.paper or len(sides) > 2 or not all(s.isdigit() and int(s) >= 1 for s in sides):
+        fail(f"--unet-attn-side {args.unet_attn_side}: " + ("the paper model keeps SD's blocks" if args.paper else
+                                                             "one or two map sides >= 1 (N or N,M)"))
+    args.unet_attn_side = [int(s) for s in sides]
 if args.mmfs_max_side is not None and (args.paper or args.no_mmfs or args.mmfs_max_side < 0):
     fail(f"--mmfs-max-side {args.mmfs_max_side}: " + ("the paper model keeps MMFS on every map" if args.paper else
          "--no-mmfs has no MMFS residuals" if args.no_mmfs else "a map side is >= 0 (0: every map)"))
@@ -193,8 +198,9 @@ else:
         cfg = M.without_mmfs(cfg)
     if getattr(S, "mmfs_max_side", None) is not None:
         cfg.unet = dataclasses.replace(cfg.unet, mmfs_max_side=S.mmfs_max_side)
-    if getattr(S, "unet_attn_side", None) is not None:
-        cfg.unet = unet.with_attention(cfg.unet, S.unet_attn_side)
+    if getattr(S, "unet_attn_side", None) is not None:  # [N] or [N, M]; runs saved before session 15: an int
+        cfg.unet = unet.with_attention(cfg.unet, *([S.unet_attn_side] if isinstance(S.unet_attn_side, int) else
+                                                   S.unet_attn_side))
     if getattr(S, "prediction_type", None):
         cfg.schedule = dataclasses.replace(cfg.schedule, prediction_type=S.prediction_type)
     cfg = dataclasses.replace(cfg, **hide)

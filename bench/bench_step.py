@@ -14,8 +14,9 @@ timed (allocator and oneDNN warm-up). The variants:
   mmfs32        --mmfs-max-side 0: the UNet's MMFS residuals on the two 32x32 maps too;
   c1s2+mmfs32   that, with the ViT-Adapter's finest map c1 at 32x32 (ViTConfig.c1_stride 2): the 32x32 residuals
                 then read a 32x32 map of the previous frame (the pyramid becomes 32/8/4/2).
-  xattn16       --unet-attn-side 16: the UNet's 16x16 blocks with attention too (self- and cross-attention, down
-                and up), where the MMFS residuals of the previous frame meet the text in the up path.
+  attn8         --unet-attn-side 8: attention only in the 8x8 blocks (the preset before session 15);
+  attn16up      attention at 16x16 in the up path only, where the MMFS residuals of the previous frame meet the text
+                (--unet-attn-side 8,16).
 
 The ratio column is each variant's step time over the first variant's, measured in this one run. Do not run it beside
 a training run: two 2-thread processes on 2 cores slow each other several-fold.
@@ -41,7 +42,7 @@ import llm  # noqa: E402
 import model as M  # noqa: E402
 import unet  # noqa: E402
 
-VARIANTS = ("preset", "bf16", "mmfs32", "c1s2+mmfs32", "xattn16")
+VARIANTS = ("preset", "bf16", "mmfs32", "c1s2+mmfs32", "attn8", "attn16up")
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time")
@@ -56,8 +57,10 @@ def build(variant, tok):
     """The --small model of `variant`, initialised as train.py does (seed 0)."""
     cfg = M.preset("small", bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
-    if variant == "xattn16":  # train.py --unet-attn-side 16
-        cfg.unet = unet.with_attention(cfg.unet, 16)
+    if variant == "attn8":  # train.py --unet-attn-side 8
+        cfg.unet = unet.with_attention(cfg.unet, 8)
+    if variant == "attn16up":  # train.py --unet-attn-side 8,16
+        cfg.unet = unet.with_attention(cfg.unet, 8, 16)
     if "mmfs32" in variant:
         cfg.unet = dataclasses.replace(cfg.unet, mmfs_max_side=0)
     if "c1s2" in variant:  # c1 is 32x32; MMFS reads it in place of the 16x16 level there no longer is

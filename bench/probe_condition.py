@@ -7,7 +7,8 @@ per step, 300 steps unless --steps, same seed and batches) with one change to ho
 
 The route from the LLM to the UNet:
   base     the small model as it is;
-  xattn16  cross-attention at 16×16 too (the preset has it only at 8×8);
+  xattn16  cross-attention at 16×16 too (run when the preset had it only at 8×8; since session 15 the
+           preset has it, and this path equals base);
   nollm    no LLM layers in the condition: it reads the RMS-normed token embeddings (the text loss becomes a
            bigram model's; only the image rows mean anything);
   coord    CoordConv: the UNet's first convolution also sees two channels of x and y in [-1, 1], so "at the top

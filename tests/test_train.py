@@ -132,6 +132,10 @@ def test_unet_attn_side_flag_reaches_the_checkpoint_and_resume_keeps_it(tmp_path
     r = run("--out", tmp_path / "bad", "--unet-attn-side", "0")
     assert r.returncode != 0 and "--unet-attn-side" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+    for bad in ("8,16,32", "8,x", "-8"):
+        r = run("--out", tmp_path / "bad", f"--unet-attn-side={bad}")
+        assert r.returncode != 0 and "--unet-attn-side" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
     out = tmp_path / "attn"
     assert run("--out", out, "--unet-attn-side", 64, "--stop-at", 1).returncode == 0
     c = M.MMInterleaved.from_checkpoint(out)[0].cfg.unet
@@ -145,6 +149,10 @@ def test_unet_attn_side_flag_reaches_the_checkpoint_and_resume_keeps_it(tmp_path
     r = run("--out", out, "--resume")
     assert r.returncode == 0, r.stderr
     assert M.MMInterleaved.from_checkpoint(out)[0].cfg.unet.down_block_types == c.down_block_types
+    # N,M: the tiny UNet (32x32, blocks at 32 and 16) with no attention in the down path, all of it in the up path
+    assert run("--out", tmp_path / "up", "--unet-attn-side", "8,32", "--stop-at", 1).returncode == 0
+    c = M.MMInterleaved.from_checkpoint(tmp_path / "up")[0].cfg.unet
+    assert c.down_block_types == ("DownBlock2D",) * 2 and c.up_block_types == ("CrossAttnUpBlock2D",) * 2
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -215,11 +215,11 @@ def test_gradients_reach_mmfs_parameters():
 # presets and key layout
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "paper", "small+attn16"])
+@pytest.mark.parametrize("name", ["tiny", "small", "paper", "small+attn8"])
 def test_presets_match_diffusers_keys(name):
-    """Every preset's plain UNet (and the small one with attention at 16x16 too, train.py --unet-attn-side 16) has
+    """Every preset's plain UNet (and the small one with attention only at 8x8, train.py --unet-attn-side 8) has
     exactly the state-dict keys and shapes of the diffusers model of that config."""
-    c = with_attention(PRESETS["small"], 16) if name == "small+attn16" else PRESETS[name]
+    c = with_attention(PRESETS["small"], 8) if name == "small+attn8" else PRESETS[name]
     fields = ("in_channels", "out_channels", "sample_size", "block_out_channels", "layers_per_block",
               "down_block_types", "up_block_types", "attention_head_dim", "cross_attention_dim",
               "use_linear_projection", "norm_num_groups", "norm_eps", "flip_sin_to_cos", "freq_shift")
@@ -237,12 +237,17 @@ def test_presets_match_diffusers_keys(name):
 
 def test_with_attention_turns_the_blocks_at_and_below_a_side():
     c = PRESETS["small"]  # 32x32 pixels: down blocks at 32, 16, 8; the up path mirrors them
-    assert with_attention(c, 8) == c  # the preset has attention at 8x8 already
-    c16 = with_attention(c, 16)
-    assert c16.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
-    assert c16.up_block_types == ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    assert with_attention(c, 16) == c  # the preset has attention at 16x16 and 8x8 already
+    c8 = with_attention(c, 8)  # blocks on larger maps lose their attention
+    assert c8.down_block_types == ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")
+    assert c8.up_block_types == ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")
+    assert with_attention(c8, 16) == c
     assert set(with_attention(c, 32).down_block_types) == {"CrossAttnDownBlock2D"}
-    assert c.down_block_types == ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")  # a copy: c is unchanged
+    assert c.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")  # c is unchanged
+    up16 = with_attention(c, 8, 16)  # the down path to 8x8, the up path to 16x16
+    assert up16.down_block_types == c8.down_block_types and up16.up_block_types == c.up_block_types
+    none = with_attention(c, 4)
+    assert none.down_block_types == ("DownBlock2D",) * 3 and none.up_block_types == ("UpBlock2D",) * 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
