@@ -178,6 +178,11 @@ tok = llm.Tokenizer(tok_path)
 torch.manual_seed(S.seed)
 # a training-time draw, checked by the model like every MMConfig field; sampling always shows MMFS everything
 hide = {} if getattr(S, "mmfs_hide_prob", None) is None else dict(mmfs_hide_prob=S.mmfs_hide_prob)
+if args.resume and not parts:  # the last checkpoint's EMA weights (restored below) and the run's model config
+    try:
+        ema_state, meta = weights.load_state(out / "model.safetensors")
+    except (weights.WeightsError, OSError) as e:
+        fail(f"cannot resume from {out}: {str(e).splitlines()[0]}")
 if parts:  # the released CLIP / LLaMA / SD weights, strictly loaded; the new modules from their init
     try:
         model, _ = M.MMInterleaved.from_components(parts["clip"], parts["llm"], parts["sd"], **hide)
@@ -187,7 +192,7 @@ if parts:  # the released CLIP / LLaMA / SD weights, strictly loaded; the new mo
     model = model.to(device)
 elif args.resume:  # the model the run was built with (saved with each checkpoint), whatever the preset is today
     try:
-        cfg = M.MMConfig.from_metadata(weights.load_state(out / "model.safetensors")[1], out / "model.safetensors")
+        cfg = M.MMConfig.from_metadata(meta, out / "model.safetensors")
         model = M.MMInterleaved(cfg).to(device)
     except (weights.WeightsError, ValueError, OSError) as e:
         fail(f"cannot resume from {out}: {str(e).splitlines()[0]}")
@@ -198,9 +203,8 @@ else:
         cfg = M.without_mmfs(cfg)
     if getattr(S, "mmfs_max_side", None) is not None:
         cfg.unet = dataclasses.replace(cfg.unet, mmfs_max_side=S.mmfs_max_side)
-    if getattr(S, "unet_attn_side", None) is not None:  # [N] or [N, M]; runs saved before session 15: an int
-        cfg.unet = unet.with_attention(cfg.unet, *([S.unet_attn_side] if isinstance(S.unet_attn_side, int) else
-                                                   S.unet_attn_side))
+    if getattr(S, "unet_attn_side", None) is not None:  # [N] or [N, M]
+        cfg.unet = unet.with_attention(cfg.unet, *S.unet_attn_side)
     if getattr(S, "prediction_type", None):
         cfg.schedule = dataclasses.replace(cfg.schedule, prediction_type=S.prediction_type)
     cfg = dataclasses.replace(cfg, **hide)
@@ -285,8 +289,8 @@ if args.resume:
             raise ValueError(f"{out / 'train' / 'optimizer.pt'} is from step {ostate['step']}, state.json says {start}")
         opt.load_state_dict(ostate["optimizer"])
         if ema is not None:
-            ema_state, _ = weights.load_state(out / "model.safetensors")
-            ema = {k: ema_state[k].to(device) for k in ema}
+            ema = {k: ema_state[k].to(device) for k in ema}  # read before the model was built
+            del ema_state
     except (ValueError, KeyError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
         fail(f"cannot resume from {out}: {str(e).splitlines()[0]}")
     if start >= S.steps:
