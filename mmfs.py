@@ -147,32 +147,14 @@ class MMFS(nn.Module):
                              f"{self.max_num_image_per_seq - 1}")
         return rel
 
-    def forward(self, query, reference_points, value, image_mask, value_projected=False):
-        """query (B, Lq, d_query), reference_points (B|1, Lq|1, 2) in [0,1] as (x, y), value (B, n, Σ_l H_l·W_l,
-        d_value), image_mask (B, n) or (B, Lq, n) with 1 = visible -> (B, Lq, d_out).
-
-        With value_projected=True, `value` is already `value_proj(features)` (B, n, Σ_l H_l·W_l, dv): a caller that
-        decodes token by token projects its images once instead of once per token.
-        """
+    def sampling(self, query, reference_points, mask):
+        """Where each query reads and how much: query (B, Lq, d_query), reference_points (B|1, Lq|1, 2), a bool mask
+        (B, 1 or Lq, n) -> locations (B, Lq, M, n·L, P, 2) in [0, 1] as (x, y), weights (B, Lq, M, n·L, P) and the
+        sink's weight (B, Lq, M, n·L). forward() samples the values there; bench/probe_visual.py asks where that is."""
         B, Lq, _ = query.shape
-        n, S = value.shape[1], value.shape[2]
-        M, L, P, D = self.n_heads, self.n_levels, self.n_points, self.dv // self.n_heads
-        hw, width = sum(h * w for h, w in self.spatial_shapes), self.dv if value_projected else self.d_value
-        if value.dim() != 4 or value.shape[0] != B or S != hw or value.shape[3] != width:
-            raise ValueError(f"MMFS: value must be (B={B}, n, {hw}, {width}) for levels {self.spatial_shapes}, "
-                             f"got {tuple(value.shape)}")
-        mask = image_mask[:, None, :] if image_mask.dim() == 2 else image_mask             # (B, 1 or Lq, n)
-        if mask.shape not in ((B, 1, n), (B, Lq, n)):
-            raise ValueError(f"MMFS: image_mask must be (B, n) = ({B}, {n}) or (B, Lq, n) = ({B}, {Lq}, {n}), "
-                             f"got {tuple(image_mask.shape)}")
-        if n == 0:  # no image slots at all: the sink takes all the mass, as when every image is masked
-            return self.output_proj(query.new_zeros(B, Lq, self.dv))
-        # A 2-D mask is the same for every query: keep its query axis at 1 and let it broadcast below.
-        mask = mask.bool()
+        n = mask.shape[-1]
+        M, L, P = self.n_heads, self.n_levels, self.n_points
         rel = self.relative_index(mask)                                                  # (B, 1 or Lq, n)
-
-        v = (value if value_projected else self.value_proj(value)).reshape(B, n * S, M, D)  # (B, n·S, M, D)
-
         # Per-image query q_n = W_dyn·q + relpos[r_n]. The heads f are linear, so f(q_n) = f(W_dyn·q) + W_f·relpos[r_n]
         # is one linear over the Lq queries plus a gathered per-image term, never a (B, n, Lq, d_query) query copy.
         q = self.dynamic_offset_mask(query)                                              # (B, Lq, d_query)
@@ -196,6 +178,32 @@ class MMFS(nn.Module):
         logits[..., P] = -math.log(n * L)  # n·L sink slots worth exp(-log(n·L)) each: one key of logit 0 in all
         weights = logits.flatten(3).softmax(-1).view(B, Lq, M, n * L, P + 1)              # (B, Lq, M, n·L, P+1)
         w_sink, w = weights[..., P], weights[..., :P]                                     # (B, Lq, M, n·L), (..., P)
+        return loc, w, w_sink
+
+    def forward(self, query, reference_points, value, image_mask, value_projected=False):
+        """query (B, Lq, d_query), reference_points (B|1, Lq|1, 2) in [0,1] as (x, y), value (B, n, Σ_l H_l·W_l,
+        d_value), image_mask (B, n) or (B, Lq, n) with 1 = visible -> (B, Lq, d_out).
+
+        With value_projected=True, `value` is already `value_proj(features)` (B, n, Σ_l H_l·W_l, dv): a caller that
+        decodes token by token projects its images once instead of once per token.
+        """
+        B, Lq, _ = query.shape
+        n, S = value.shape[1], value.shape[2]
+        M, L, P, D = self.n_heads, self.n_levels, self.n_points, self.dv // self.n_heads
+        hw, width = sum(h * w for h, w in self.spatial_shapes), self.dv if value_projected else self.d_value
+        if value.dim() != 4 or value.shape[0] != B or S != hw or value.shape[3] != width:
+            raise ValueError(f"MMFS: value must be (B={B}, n, {hw}, {width}) for levels {self.spatial_shapes}, "
+                             f"got {tuple(value.shape)}")
+        mask = image_mask[:, None, :] if image_mask.dim() == 2 else image_mask             # (B, 1 or Lq, n)
+        if mask.shape not in ((B, 1, n), (B, Lq, n)):
+            raise ValueError(f"MMFS: image_mask must be (B, n) = ({B}, {n}) or (B, Lq, n) = ({B}, {Lq}, {n}), "
+                             f"got {tuple(image_mask.shape)}")
+        if n == 0:  # no image slots at all: the sink takes all the mass, as when every image is masked
+            return self.output_proj(query.new_zeros(B, Lq, self.dv))
+        # A 2-D mask is the same for every query: keep its query axis at 1 and let it broadcast below.
+        mask = mask.bool()
+        v = (value if value_projected else self.value_proj(value)).reshape(B, n * S, M, D)  # (B, n·S, M, D)
+        loc, w, w_sink = self.sampling(query, reference_points, mask)                     # (B, Lq, M, n·L, P, 2), ...
 
         # Sample in at least float32: a bf16 location is off by up to ~0.1 pixel of a 32×32 map.
         dtype = torch.promote_types(v.dtype, torch.float32)

@@ -19,11 +19,18 @@ step where it first passes `--threshold` is when reading starts. The variants:
                   (ViTConfig.conv_inplane): the stem is the only part that sees every pixel of a 7-px object;
   c1s2            the small model with the SPM's finest map c1 at stride 2 (ViTConfig.c1_stride: 32×32 instead of
                   16×16, the stem's full resolution; the LLM then reads 32/8/4, the UNet 32/8/4/2);
-  c1s2+stem32     both.
+  c1s2+stem32     both;
+  p8              the small model with 8 points per head and level in the LLM's MMFS instead of 4 (the paper's 8);
+  every1          the small model with an MMFS block in every LLM layer, not every 2nd.
+
+`--offset-lr-scale` gives the MMFS sampling offsets their own learning rate, as a fraction of `--lr`: 1 (the
+default, as this probe always ran) or 0.1 (train.py's parameter groups, the authors').
 
 `--captions N` then writes greedy captions for N held-out first frames and scores them as eval.py does (exact
 sentence, objects right, colour / shape / size at each object's place): the probe's losses say when reading
-starts, the captions what is read.
+starts, the captions what is read. With MMFS it also prints where the LLM reads (`aim`): with the true caption fed
+in, at each state that predicts an object's shape, the share of each MMFS layer's image weight on points within 4
+px of that object, beside the same share for another object (is the reading aimed, or a fixed cloud?).
 
 This is the probe behind the README's findings on the visual Q-Former and on the SPM stem ("Two cheaper ways").
 Seconds per step on a 2-core CPU: 0.23 (pixels), 0.51-0.53 (qformer, qformer+pooled), 0.60-0.90 (mmfs), 0.71-0.83
@@ -50,7 +57,7 @@ import llm  # noqa: E402
 import eval as evaluate  # noqa: E402
 import model as M  # noqa: E402
 
-VARIANTS = ("mmfs", "qformer", "qformer+pooled", "pixels", "stem32", "c1s2", "c1s2+stem32")
+VARIANTS = ("mmfs", "qformer", "qformer+pooled", "pixels", "stem32", "c1s2", "c1s2+stem32", "p8", "every1")
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="image paths to compare")
@@ -60,6 +67,8 @@ ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (con
 ap.add_argument("--every", type=int, default=50, help="evaluate every N steps")
 ap.add_argument("--threshold", type=float, default=0.05, help="gap (nats per token) that counts as reading")
 ap.add_argument("--seed", type=int, default=0, help="seeds the init and the training stories")
+ap.add_argument("--offset-lr-scale", type=float, default=1.0,
+                help="the MMFS sampling offsets' lr as a fraction of --lr (train.py: 0.1, the authors' groups)")
 ap.add_argument("--captions", type=int, default=0, metavar="N",
                 help="after training, greedy captions of N held-out frames, scored as eval.py does")
 args = ap.parse_args()
@@ -93,6 +102,10 @@ def build(variant):
         cfg.vit = dataclasses.replace(cfg.vit, c1_stride=2)
         cfg.llm = dataclasses.replace(cfg.llm, mmfs_levels=(32, *cfg.llm.mmfs_levels[1:]))
         cfg.unet = dataclasses.replace(cfg.unet, mmfs_levels=(32, *cfg.unet.mmfs_levels[1:]))
+    if variant == "p8":  # 8 points per head and level instead of 4
+        cfg.llm = dataclasses.replace(cfg.llm, mmfs_points=8)
+    if variant == "every1":  # an MMFS block in every LLM layer, not every 2nd
+        cfg.llm = dataclasses.replace(cfg.llm, mmfs_every=1)
     if variant in ("qformer", "qformer+pooled", "pixels"):  # the --no-mmfs paths
         cfg = M.without_mmfs(cfg)
     cfg.pooled_visual = variant == "qformer+pooled"
@@ -118,12 +131,45 @@ def caption_ce(net, ids, images):
     return F.cross_entropy(net.logits(h[:, :-1]).flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
+def aim(net, stories, k, radius=4.0):
+    """Where the LLM's MMFS reads when the true caption is fed in and the next word is an object's shape: per MMFS
+    layer, the share of its image weight (the sink left out) on points within `radius` px of that object, and the
+    same share for the points of another mention (the next one): aimed at the object or a fixed cloud?"""
+    layers = [layer.llama_cross_attn for layer in net.llm.model.layers if layer.llama_cross_attn is not None]
+    inputs = {}
+    hooks = [m.attn.register_forward_pre_hook(lambda mod, a, i=i: inputs.__setitem__(i, a))
+             for i, m in enumerate(layers)]
+    size = net.cfg.image_size
+    reads = [[] for _ in layers]  # per layer: (points px (M·L·P, 2), weights (M·L·P,), object (x, y)) per mention
+    with torch.no_grad():
+        for s in stories:
+            words = s.sentences[0].rstrip(".").split()  # commas stay on their words, as they are tokens
+            ids = [tok.bos_id] + tok.image_tokens(k) + tok.encode(s.sentences[0], bos=False)
+            net.hidden_states(torch.tensor([ids]), data.image_tensor(s.images[0], size)[None], [1])
+            starts = [i for i, w in enumerate(words) if w == "a"]  # "a SIZE COLOUR SHAPE at the PLACE", in order
+            for o, a in zip(s.objects[0], starts):
+                # <s>, <BoI>, K placeholders, then "... a SIZE COLOUR": the state there predicts SHAPE
+                pos = k + 1 + len(tok.encode(" ".join(words[:a + 3]), bos=False))
+                for i, m in enumerate(layers):
+                    q, ref, _, mask = inputs[i]
+                    loc, w, _ = m.attn.sampling(q[:, pos:pos + 1], ref, mask[:, pos:pos + 1].bool())
+                    reads[i].append((loc.reshape(-1, 2) * size, w.reshape(-1), torch.tensor([o.x, o.y])))
+    for h in hooks:
+        h.remove()
+
+    def share(pairs):
+        return sum((w * ((p - xy).norm(dim=-1) <= radius)).sum() / w.sum() for p, w, xy in pairs).item() / len(pairs)
+    return [(share(r), share([(p, w, r[(j + 1) % len(r)][2]) for j, (p, w, _) in enumerate(r)])) for r in reads]
+
+
 results, scores = {}, {}
 for variant in args.variants:
     net = build(variant)
     k, size = net.cfg.num_image_tokens, net.cfg.image_size
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99),
-                            weight_decay=0.0)
+    offsets = [p for n, p in net.named_parameters() if "sampling_offsets" in n and p.requires_grad]
+    rest = [p for n, p in net.named_parameters() if "sampling_offsets" not in n and p.requires_grad]
+    opt = torch.optim.AdamW([dict(params=rest), dict(params=offsets, lr=args.lr * args.offset_lr_scale)],
+                            lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     eval_ids, eval_images = batch("eval", 0, 64, k, size)
     reads_at, t0 = None, time.time()
     for step in range(args.steps + 1):
@@ -154,13 +200,17 @@ for variant in args.variants:
         with torch.no_grad():
             captions = evaluate.caption_task(net, tok, stories, argparse.Namespace(batch_size=64))
         scores[variant] = evaluate.score_captions(stories, captions)
+        if net.cfg.llm.mmfs_every:
+            scores[variant]["aim"] = aim(net, stories, k)
 
 print(f"\n{'variant':>15} | CE right | CE swapped | reads from step (gap > {args.threshold}) | s/step")
 for variant, (right, swapped, reads_at, sps) in results.items():
     print(f"{variant:>15} | {right:8.4f} | {swapped:10.4f} | {'never' if reads_at is None else reads_at:>27} | "
           f"{sps:.2f}")
 if scores:
-    print(f"\n{'variant':>15} | {args.captions} held-out captions: exact | objects right | colour | shape | size")
+    print(f"\n{'variant':>15} | {args.captions} held-out captions: exact | objects right | colour | shape | size | "
+          f"MMFS weight near the shape's object, per layer (another object's)")
     for variant, sc in scores.items():
+        near = ", ".join(f"{a:.0%} ({b:.0%})" for a, b in sc.get("aim", [])) or "-"
         print(f"{variant:>15} | {sc['caption_exact']:21.1%} | {sc['caption_objects']:13.1%} | "
-              f"{sc['caption_colour']:6.1%} | {sc['caption_shape']:5.1%} | {sc['caption_size']:4.1%}")
+              f"{sc['caption_colour']:6.1%} | {sc['caption_shape']:5.1%} | {sc['caption_size']:4.1%} | {near}")

@@ -244,3 +244,26 @@ def test_position_tables():
     torch.testing.assert_close(sincos_1d(6, 5)[:, 3], torch.arange(5).double().cos().float())  # cos(p·w_0)
     assert torch.equal(pos_embed_2d(8, 4, 4, 4), sincos_2d(8, 4, 4))
     assert pos_embed_2d(8, 4, 2, 6).shape == (12, 8)
+
+
+def test_sampling_is_where_forward_reads():
+    """MMFS.sampling (what bench/probe_visual.py inspects) gives the very points and weights forward() samples with,
+    and a location is the reference point plus (W_dyn·q + relpos) offsets in cells of the base grid."""
+    m = make()
+    query, ref, value, mask = inputs(m)
+    B, Lq, n = mask.shape
+    M, L, P, D = m.n_heads, m.n_levels, m.n_points, m.dv // m.n_heads
+    loc, w, w_sink = m.sampling(query, ref, mask)
+    assert loc.shape == (B, Lq, M, n * L, P, 2) and w.shape == (B, Lq, M, n * L, P)
+    assert w_sink.shape == (B, Lq, M, n * L)
+    torch.testing.assert_close(w.sum((-1, -2)) + w_sink.sum(-1), torch.ones(B, Lq, M))  # one softmax per head
+    shapes = torch.tensor(m.spatial_shapes * n)
+    starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+    v = m.value_proj(value).reshape(B, n * value.shape[2], M, D)
+    out = m.output_proj(msda_reference(v, shapes, starts, loc, w))  # the sink reads the zero ignore_token
+    torch.testing.assert_close(out, m(query, ref, value, mask), atol=1e-12, rtol=0)
+    b, t, h, i, p = 1, 3, 1, 2, 0  # one point by hand: image 2 of row 1, as query 3 sees it
+    rel = int(m.relative_index(mask)[b, t, i])
+    off = m.sampling_offsets(m.dynamic_offset_mask(query[b, t]) + m.query_relpos.weight[rel]).view(M, P, 2)[h, p]
+    for lvl in range(L):  # the same normalised point at every level
+        torch.testing.assert_close(loc[b, t, h, i * L + lvl, p], ref[b, t] + off / torch.tensor(m.base[::-1]))
