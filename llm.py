@@ -40,6 +40,9 @@ class LLaMAConfig:
     tie_embeddings: bool = False  # lm_head shares embed_tokens' weight (HF tie_word_embeddings)
     # MMFS blocks (reference §1.6, §3.1): in layers 0, k, 2k, ... for mmfs_every = k; 0 = plain LLaMA / --no-mmfs
     mmfs_every: int = 4
+    # the first layer with an MMFS block (then every mmfs_every-th): 0 as the paper. A later start gives each block a
+    # query that has already read the visual tokens through more self-attention (README: "Where the LLM reads")
+    mmfs_first: int = 0
     image_dim: int = 1024  # channels of the image feature pyramid (MMFS values)
     mmfs_levels: tuple = (32, 16, 8)  # square map sizes of the pyramid levels MMFS reads, largest first
     mmfs_base: int = 16  # offsets are in cells of a base × base grid
@@ -59,7 +62,7 @@ class LLaMAConfig:
         return self.head_dim or self.dim // self.n_heads
 
     def has_mmfs(self, layer):
-        return self.mmfs_every > 0 and layer % self.mmfs_every == 0
+        return self.mmfs_every > 0 and layer >= self.mmfs_first and (layer - self.mmfs_first) % self.mmfs_every == 0
 
 
 PRESETS = {

@@ -66,6 +66,10 @@ g.add_argument("--mmfs-max-side", type=int, metavar="N", help="the UNet's MMFS r
 g.add_argument("--unet-attn-side", metavar="N[,M]", help="attention (self and cross) in every UNet block on a map of "
                "side <= N, none on larger ones; N,M: N for the down path, M for the up path, where the previous "
                "frame's MMFS residuals arrive (the small recipe: 16; 8 leaves only the 8x8 blocks)")
+g.add_argument("--mmfs-first-layer", type=int, metavar="N", help="the LLM's first layer with an MMFS block, then "
+               "every 2nd (the small recipe: 0, as the paper: layers 0 and 2; 1 gives layers 1 and 3)")
+g.add_argument("--mmfs-points", type=int, metavar="P", help="sampling points per head and level of the LLM's MMFS "
+               "(the small recipe: 4; the paper: 8)")
 g.add_argument("--prediction-type", choices=["v_prediction", "sample", "epsilon"], help="what the UNet predicts "
                "(the small recipe: v_prediction; sample = x0). Saved in the checkpoint, so sampling follows it")
 g.add_argument("--data", metavar="JSONL", help="train on an interleaved JSONL corpus instead of ShapeStories")
@@ -122,6 +126,14 @@ if args.unet_attn_side is not None:
 if args.mmfs_max_side is not None and (args.paper or args.no_mmfs or args.mmfs_max_side < 0):
     fail(f"--mmfs-max-side {args.mmfs_max_side}: " + ("the paper model keeps MMFS on every map" if args.paper else
          "--no-mmfs has no MMFS residuals" if args.no_mmfs else "a map side is >= 0 (0: every map)"))
+if args.mmfs_first_layer is not None and (args.paper or args.no_mmfs or args.mmfs_first_layer < 0):
+    fail(f"--mmfs-first-layer {args.mmfs_first_layer}: " + ("the paper model keeps the authors' layers" if args.paper
+         else "--no-mmfs has no MMFS blocks" if args.no_mmfs else "a layer index is >= 0"))
+if args.mmfs_first_layer is not None and args.mmfs_first_layer >= (n := M.preset(preset_name).llm.n_layers):
+    fail(f"--mmfs-first-layer {args.mmfs_first_layer}: the {preset_name} LLM has layers 0 to {n - 1}")
+if args.mmfs_points is not None and (args.paper or args.no_mmfs or args.mmfs_points < 1):
+    fail(f"--mmfs-points {args.mmfs_points}: " + ("the paper model keeps the authors' 8" if args.paper else
+         "--no-mmfs has no MMFS blocks" if args.no_mmfs else "at least 1 point"))
 if args.paper and args.prediction_type:
     fail("--prediction-type is for the recipes trained from scratch; the paper UNet keeps its scheduler's")
 if args.paper and args.no_mmfs:
@@ -139,6 +151,7 @@ try:
         settings = dict(PRESETS[preset_name], no_mmfs=args.no_mmfs, mmfs_hide_prob=args.mmfs_hide_prob,
                         prediction_type=args.prediction_type,
                         mmfs_max_side=args.mmfs_max_side, unet_attn_side=args.unet_attn_side,
+                        mmfs_first_layer=args.mmfs_first_layer, mmfs_points=args.mmfs_points,
                         data=args.data, seed=args.seed,
                         parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
         for k in ("steps", "batch_size", "lr", "save_every"):
@@ -203,6 +216,10 @@ else:
         cfg = M.without_mmfs(cfg)
     if getattr(S, "mmfs_max_side", None) is not None:
         cfg.unet = dataclasses.replace(cfg.unet, mmfs_max_side=S.mmfs_max_side)
+    if getattr(S, "mmfs_first_layer", None) is not None:
+        cfg.llm = dataclasses.replace(cfg.llm, mmfs_first=S.mmfs_first_layer)
+    if getattr(S, "mmfs_points", None) is not None:
+        cfg.llm = dataclasses.replace(cfg.llm, mmfs_points=S.mmfs_points)
     if getattr(S, "unet_attn_side", None) is not None:  # [N] or [N, M]
         cfg.unet = unet.with_attention(cfg.unet, *S.unet_attn_side)
     if getattr(S, "prediction_type", None):

@@ -16,7 +16,10 @@ timed (allocator and oneDNN warm-up). The variants:
                 then read a 32x32 map of the previous frame (the pyramid becomes 32/8/4/2).
   attn8         --unet-attn-side 8: attention only in the 8x8 blocks (the preset before session 15);
   attn16up      attention at 16x16 in the up path only, where the MMFS residuals of the previous frame meet the text
-                (--unet-attn-side 8,16).
+                (--unet-attn-side 8,16);
+  llm-every1    an MMFS block in every LLM layer (LLaMAConfig.mmfs_every 1) instead of every 2nd (layers 0 and 2);
+  llm-p8        the LLM's MMFS with 8 points per head and level instead of 4 (the paper's 8);
+  llm-p16       16 points (train.py --mmfs-points 16).
 
 The ratio column is each variant's step time over the first variant's, measured in this one run. Do not run it beside
 a training run: two 2-thread processes on 2 cores slow each other several-fold.
@@ -42,7 +45,7 @@ import llm  # noqa: E402
 import model as M  # noqa: E402
 import unet  # noqa: E402
 
-VARIANTS = ("preset", "bf16", "mmfs32", "c1s2+mmfs32", "attn8", "attn16up")
+VARIANTS = ("preset", "bf16", "mmfs32", "c1s2+mmfs32", "attn8", "attn16up", "llm-every1", "llm-p8", "llm-p16")
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time")
@@ -61,6 +64,10 @@ def build(variant, tok):
         cfg.unet = unet.with_attention(cfg.unet, 8)
     if variant == "attn16up":  # train.py --unet-attn-side 8,16
         cfg.unet = unet.with_attention(cfg.unet, 8, 16)
+    if variant == "llm-every1":
+        cfg.llm = dataclasses.replace(cfg.llm, mmfs_every=1)
+    if variant in ("llm-p8", "llm-p16"):
+        cfg.llm = dataclasses.replace(cfg.llm, mmfs_points=int(variant[5:]))
     if "mmfs32" in variant:
         cfg.unet = dataclasses.replace(cfg.unet, mmfs_max_side=0)
     if "c1s2" in variant:  # c1 is 32x32; MMFS reads it in place of the 16x16 level there no longer is

@@ -125,6 +125,17 @@ def test_fresh_init_follows_authors():
     assert 0.018 < model.lm_head.weight.std().item() < 0.022
 
 
+def test_mmfs_first_moves_the_blocks():
+    """mmfs_first: MMFS blocks in layers first, first + every, ...; 0 (the paper's) keeps layers 0, every, ..."""
+    assert [replace(TINY, n_layers=4, mmfs_every=2).has_mmfs(i) for i in range(4)] == [True, False, True, False]
+    cfg = replace(TINY, n_layers=4, mmfs_every=2, mmfs_first=1)
+    assert [cfg.has_mmfs(i) for i in range(4)] == [False, True, False, True]
+    assert [layer.llama_cross_attn is not None for layer in LLaMA(cfg).model.layers] == [False, True, False, True]
+    late = replace(TINY, n_layers=5, mmfs_every=1, mmfs_first=3)
+    assert [late.has_mmfs(i) for i in range(5)] == [False, False, False, True, True]
+    assert not any(replace(TINY, n_layers=4, mmfs_every=0, mmfs_first=1).has_mmfs(i) for i in range(4))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # MMFS inside the LLM
 

@@ -155,6 +155,34 @@ def test_unet_attn_side_flag_reaches_the_checkpoint_and_resume_keeps_it(tmp_path
     assert c.down_block_types == ("DownBlock2D",) * 2 and c.up_block_types == ("CrossAttnUpBlock2D",) * 2
 
 
+def test_mmfs_first_layer_flag_reaches_the_checkpoint(tmp_path):
+    for bad, says in (("-1", ">= 0"), ("2", "layers 0 to 1")):  # the tiny LLM has 2 layers
+        r = run("--out", tmp_path / "bad", f"--mmfs-first-layer={bad}")
+        assert r.returncode != 0 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run("--out", tmp_path / "bad", "--mmfs-first-layer", 1, "--no-mmfs")
+    assert r.returncode != 0 and "--no-mmfs" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "first1"  # the tiny LLM has MMFS in every layer: from layer 1 on, only layer 1 keeps one
+    assert run("--out", out, "--mmfs-first-layer", 1, "--stop-at", 1).returncode == 0
+    net, _ = M.MMInterleaved.from_checkpoint(out)
+    assert net.cfg.llm.mmfs_first == 1
+    assert [layer.llama_cross_attn is not None for layer in net.llm.model.layers] == [False, True]
+
+
+def test_mmfs_points_flag_reaches_the_checkpoint(tmp_path):
+    for bad in (("--mmfs-points", "0"), ("--mmfs-points", "2", "--no-mmfs")):
+        r = run("--out", tmp_path / "bad", *bad)
+        assert r.returncode != 0 and "--mmfs-points" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "p3"
+    assert run("--out", out, "--mmfs-points", 3, "--stop-at", 1).returncode == 0
+    net, _ = M.MMInterleaved.from_checkpoint(out)
+    c = net.cfg.llm
+    assert c.mmfs_points == 3 != M.preset("tiny").llm.mmfs_points
+    attn = net.llm.model.layers[0].llama_cross_attn.attn  # offsets: one (x, y) per head and point
+    assert attn.n_points == 3 and attn.sampling_offsets.out_features == c.mmfs_heads * 3 * 2
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     r = run("--out", tmp_path, "--lr", "1e30", "--save-every", 1)
     assert r.returncode != 0 and "loss is" in r.stderr and "Traceback" not in r.stderr
