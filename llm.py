@@ -38,7 +38,7 @@ class LLaMAConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048  # rotary table length; longer sequences are an error
     tie_embeddings: bool = False  # lm_head shares embed_tokens' weight (HF tie_word_embeddings)
-    # MMFS blocks (reference §1.6, §3.1): in layers 0, k, 2k, ... for mmfs_every = k; 0 = plain LLaMA / --no-mmfs
+    # MMFS blocks (reference §1.6, §3.1): in layers f, f+k, f+2k, ... for mmfs_first = f, mmfs_every = k; k = 0: none
     mmfs_every: int = 4
     # the first layer with an MMFS block (then every mmfs_every-th): 0 as the paper. A later start gives each block a
     # query that has already read the visual tokens through more self-attention (README: "Where the LLM reads")

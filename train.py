@@ -66,8 +66,8 @@ g.add_argument("--mmfs-max-side", type=int, metavar="N", help="the UNet's MMFS r
 g.add_argument("--unet-attn-side", metavar="N[,M]", help="attention (self and cross) in every UNet block on a map of "
                "side <= N, none on larger ones; N,M: N for the down path, M for the up path, where the previous "
                "frame's MMFS residuals arrive (the small recipe: 16; 8 leaves only the 8x8 blocks)")
-g.add_argument("--mmfs-first-layer", type=int, metavar="N", help="the LLM's first layer with an MMFS block, then "
-               "every 2nd (the small recipe: 0, as the paper: layers 0 and 2; 1 gives layers 1 and 3)")
+g.add_argument("--mmfs-first-layer", type=int, metavar="N", help="the LLM's first layer with an MMFS block, the "
+               "next ones at the preset's spacing (the small recipe: 0 as the paper, so layers 0 and 2; 1 gives 1, 3)")
 g.add_argument("--mmfs-points", type=int, metavar="P", help="sampling points per head and level of the LLM's MMFS "
                "(the small recipe: 4; the paper: 8)")
 g.add_argument("--prediction-type", choices=["v_prediction", "sample", "epsilon"], help="what the UNet predicts "
