@@ -2,6 +2,7 @@
 
     python bench/probe_visual.py [--variants mmfs qformer qformer+pooled pixels] [--steps 400] [--batch-size 32]
     python bench/probe_visual.py --variants mmfs stem32 c1s2 --captions 128 --seed 1   # the SPM stem's settings
+    python bench/probe_visual.py --aim out/small                 # where a trained LLM's MMFS reads (no training)
 
 Every variant starts from the same fresh `--small` model (same seed) and trains on the same batches of one kind of
 document only: `<s><BoI><image>×K` + the frame's scene sentence + `</s>`, the captioning case. Every `--every`
@@ -71,6 +72,8 @@ ap.add_argument("--offset-lr-scale", type=float, default=1.0,
                 help="the MMFS sampling offsets' lr as a fraction of --lr (train.py: 0.1, the authors' groups)")
 ap.add_argument("--captions", type=int, default=0, metavar="N",
                 help="after training, greedy captions of N held-out frames, scored as eval.py does")
+ap.add_argument("--aim", nargs="+", metavar="DIR", help="train nothing: print where the LLM's MMFS of these "
+                "train.py checkpoints reads (128 held-out frames, or --captions N)")
 args = ap.parse_args()
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -131,7 +134,7 @@ def caption_ce(net, ids, images):
     return F.cross_entropy(net.logits(h[:, :-1]).flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
-def aim(net, stories, k, radius=4.0):
+def aim(net, tok, stories, k, radius=4.0):
     """Where the LLM's MMFS reads when the true caption is fed in and the next word is an object's shape: per MMFS
     layer, the share of its image weight (the sink left out) on points within `radius` px of that object, and the
     same share for the points of another mention (the next one): aimed at the object or a fixed cloud?"""
@@ -161,6 +164,15 @@ def aim(net, stories, k, radius=4.0):
         return sum((w * ((p - xy).norm(dim=-1) <= radius)).sum() / w.sum() for p, w, xy in pairs).item() / len(pairs)
     return [(share(r), share([(p, w, r[(j + 1) % len(r)][2]) for j, (p, w, _) in enumerate(r)])) for r in reads]
 
+
+if args.aim:  # trained checkpoints: where their LLM reads, on the frames --captions would caption
+    frames = [data.make_story("eval", args.seed, 1000 + i, 32) for i in range(args.captions or 128)]
+    for d in args.aim:
+        net, ck_tok = M.MMInterleaved.from_checkpoint(d)
+        shares = aim(net.eval(), ck_tok, frames, net.cfg.num_image_tokens)
+        print(f"{d}: MMFS weight near the shape's object, per LLM block (another object's): "
+              + ", ".join(f"{a:.1%} ({b:.1%})" for a, b in shares))
+    sys.exit(0)
 
 results, scores = {}, {}
 for variant in args.variants:
@@ -201,7 +213,7 @@ for variant in args.variants:
             captions = evaluate.caption_task(net, tok, stories, argparse.Namespace(batch_size=64))
         scores[variant] = evaluate.score_captions(stories, captions)
         if net.cfg.llm.mmfs_every:
-            scores[variant]["aim"] = aim(net, stories, k)
+            scores[variant]["aim"] = aim(net, tok, stories, k)
 
 print(f"\n{'variant':>15} | CE right | CE swapped | reads from step (gap > {args.threshold}) | s/step")
 for variant, (right, swapped, reads_at, sps) in results.items():
