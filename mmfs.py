@@ -189,7 +189,7 @@ class MMFS(nn.Module):
         """
         B, Lq, _ = query.shape
         n, S = value.shape[1], value.shape[2]
-        M, L, P, D = self.n_heads, self.n_levels, self.n_points, self.dv // self.n_heads
+        M, D = self.n_heads, self.dv // self.n_heads
         hw, width = sum(h * w for h, w in self.spatial_shapes), self.dv if value_projected else self.d_value
         if value.dim() != 4 or value.shape[0] != B or S != hw or value.shape[3] != width:
             raise ValueError(f"MMFS: value must be (B={B}, n, {hw}, {width}) for levels {self.spatial_shapes}, "

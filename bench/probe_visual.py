@@ -144,21 +144,23 @@ def aim(net, tok, stories, k, radius=4.0):
              for i, m in enumerate(layers)]
     size = net.cfg.image_size
     reads = [[] for _ in layers]  # per layer: (points px (M·L·P, 2), weights (M·L·P,), object (x, y)) per mention
-    with torch.no_grad():
-        for s in stories:
-            words = s.sentences[0].rstrip(".").split()  # commas stay on their words, as they are tokens
-            ids = [tok.bos_id] + tok.image_tokens(k) + tok.encode(s.sentences[0], bos=False)
-            net.hidden_states(torch.tensor([ids]), data.image_tensor(s.images[0], size)[None], [1])
-            starts = [i for i, w in enumerate(words) if w == "a"]  # "a SIZE COLOUR SHAPE at the PLACE", in order
-            for o, a in zip(s.objects[0], starts):
-                # <s>, <BoI>, K placeholders, then "... a SIZE COLOUR": the state there predicts SHAPE
-                pos = k + 1 + len(tok.encode(" ".join(words[:a + 3]), bos=False))
-                for i, m in enumerate(layers):
-                    q, ref, _, mask = inputs[i]
-                    loc, w, _ = m.attn.sampling(q[:, pos:pos + 1], ref, mask[:, pos:pos + 1].bool())
-                    reads[i].append((loc.reshape(-1, 2) * size, w.reshape(-1), torch.tensor([o.x, o.y])))
-    for h in hooks:
-        h.remove()
+    try:
+        with torch.no_grad():
+            for s in stories:
+                words = s.sentences[0].rstrip(".").split()  # commas stay on their words, as they are tokens
+                ids = [tok.bos_id] + tok.image_tokens(k) + tok.encode(s.sentences[0], bos=False)
+                net.hidden_states(torch.tensor([ids]), data.image_tensor(s.images[0], size)[None], [1])
+                starts = [i for i, w in enumerate(words) if w == "a"]  # "a SIZE COLOUR SHAPE at the PLACE", in order
+                for o, a in zip(s.objects[0], starts):
+                    # <s>, <BoI>, K placeholders, then "... a SIZE COLOUR": the state there predicts SHAPE
+                    pos = k + 1 + len(tok.encode(" ".join(words[:a + 3]), bos=False))
+                    for i, m in enumerate(layers):
+                        q, ref, _, mask = inputs[i]
+                        loc, w, _ = m.attn.sampling(q[:, pos:pos + 1], ref, mask[:, pos:pos + 1].bool())
+                        reads[i].append((loc.reshape(-1, 2) * size, w.reshape(-1), torch.tensor([o.x, o.y])))
+    finally:  # the model is the caller's: leave no hook on it
+        for h in hooks:
+            h.remove()
 
     def share(pairs):
         return sum((w * ((p - xy).norm(dim=-1) <= radius)).sum() / w.sum() for p, w, xy in pairs).item() / len(pairs)
