@@ -81,6 +81,8 @@ g.add_argument("--steps", type=int, help="optimiser steps")
 g.add_argument("--batch-size", type=int, help="sequences per step (global, over all ranks)")
 g.add_argument("--lr", type=float, help="peak learning rate (warm-up, then cosine to 10%%)")
 g.add_argument("--seed", type=int, default=0, help="seeds the init, the data and every random draw")
+g.add_argument("--ema", type=float, metavar="D", help="decay of the weights' moving average that model.safetensors "
+               "holds and sampling uses (0: the raw weights; 0.995 in --small)")
 g = ap.add_argument_group("output")
 g.add_argument("--out", metavar="DIR", help="checkpoint directory (default out/<preset>)")
 g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -134,6 +136,8 @@ if args.mmfs_first_layer is not None and args.mmfs_first_layer >= (n := M.preset
 if args.mmfs_points is not None and (args.paper or args.no_mmfs or args.mmfs_points < 1):
     fail(f"--mmfs-points {args.mmfs_points}: " + ("the paper model keeps the authors' 8" if args.paper else
          "--no-mmfs has no MMFS blocks" if args.no_mmfs else "at least 1 point"))
+if args.ema is not None and not 0 <= args.ema < 1:
+    fail(f"--ema {args.ema}: a decay in [0, 1) (0: no average, the raw weights)")
 if args.paper and args.prediction_type:
     fail("--prediction-type is for the recipes trained from scratch; the paper UNet keeps its scheduler's")
 if args.paper and args.no_mmfs:
@@ -154,7 +158,7 @@ try:
                         mmfs_first_layer=args.mmfs_first_layer, mmfs_points=args.mmfs_points,
                         data=args.data, seed=args.seed,
                         parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
-        for k in ("steps", "batch_size", "lr", "save_every"):
+        for k in ("steps", "batch_size", "lr", "ema", "save_every"):
             if getattr(args, k) is not None:
                 settings[k] = getattr(args, k)
 except (weights.WeightsError, KeyError) as e:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import model as M
+import weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +53,28 @@ def test_resume_after_interruption_repeats_the_run(full_run, tmp_path):
     b, _ = M.MMInterleaved.from_checkpoint(tmp_path)
     sa, sb = a.state_dict(), b.state_dict()
     assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+
+
+def test_resume_with_ema_repeats_the_average(tmp_path):
+    # the tiny preset keeps no average; --small does (0.995): its EMA must come back from model.safetensors exactly
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    r = run("--out", whole, "--ema", 0.5)
+    assert r.returncode == 0, r.stderr
+    assert run("--out", cut, "--ema", 0.5, "--stop-at", 3).returncode == 0
+    r = run("--out", cut, "--resume")  # the decay comes back from the run's state, not from the command line
+    assert r.returncode == 0, r.stderr
+    assert losses(cut) == losses(whole)
+    ema_whole, _ = weights.load_state(whole / "model.safetensors")
+    ema_cut, _ = weights.load_state(cut / "model.safetensors")
+    assert ema_whole.keys() == ema_cut.keys()
+    assert [k for k in ema_whole if not torch.equal(ema_whole[k], ema_cut[k])] == []
+    # and it is an average: the trained weights differ from the raw ones the optimiser left
+    raw, _ = weights.load_state(whole / "train/raw.safetensors")
+    moved = [k for k in raw if raw[k].is_floating_point() and not torch.equal(raw[k], ema_whole[k])]
+    assert len(moved) > len(raw) // 2
+    r = run("--out", tmp_path / "bad", "--ema", 1)
+    assert r.returncode != 0 and "--ema" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
 
 
 def test_existing_run_is_not_overwritten(full_run):
