@@ -69,6 +69,9 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from kernels import hide_hub_kernels
+
+    hide_hub_kernels()  # our kernels/ shadows Hugging Face's (kernels/__init__.py)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,

@@ -24,6 +24,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from kernels import hide_hub_kernels  # noqa: E402
+
+hide_hub_kernels()  # our kernels/ shadows Hugging Face's (kernels/__init__.py)
 import diffusers  # noqa: E402
 
 import mmfs  # noqa: E402

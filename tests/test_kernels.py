@@ -302,3 +302,15 @@ if __name__ == "__main__":
     fixed = dict(B=1, Q=3, M=2, D=5, shapes=[(1, 1), (3, 2)], P=3, seed=1)
     check_against_reference(lambda *args: MSDAFunction.apply(*args, "cuda"), fixed, torch.float32)
     print(f"cuda simulator: kernels match the reference on {len(CUDASIM_EXAMPLES) + 1} cases")
+
+
+def test_transformers_loads_beside_our_kernels_package():
+    """This repo's kernels/ shares its name with Hugging Face's `kernels`, which transformers >= 5.25 imports as it
+    loads; conftest's hide_hub_kernels() keeps it from importing ours instead. Without it this import fails with
+    "cannot import name 'CUDAProperties' from 'kernels'" wherever Hugging Face's package is installed."""
+    import importlib
+
+    import kernels
+
+    importlib.import_module("transformers.integrations.hub_kernels")
+    assert os.path.dirname(os.path.abspath(kernels.__file__)) == os.path.join(ROOT, "kernels")
