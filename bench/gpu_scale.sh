@@ -2,7 +2,7 @@
 # Does more data per step move captions and text-to-image? The small recipe at a fixed number of steps with 2, 8
 # and 16 sequences per step, trained side by side on one GPU (a step is bound by Python and kernel launches there,
 # not by the GPU, so three processes share it), each then scored by eval.py on 256 held-out stories.
-#   A starts alone for WARM seconds: its metrics.jsonl gives the preset's step time alone, then beside B and C.
+#   A starts WARM seconds ahead (its tokenizer and first compiles alone); metrics.jsonl gives each run's step times.
 #   A run still going at the deadline is stopped; eval.py then scores its last checkpoint (its step is printed).
 # Usage: bash bench/gpu_scale.sh [LOGDIR] [STEPS] [BUDGET]
 # LOGDIR gets gpu.log and results.tar.gz (eval JSONs, metrics, tokenizers), and B's and C's weights in 15 MB parts

@@ -9,8 +9,11 @@ or diffusers; they call hide_hub_kernels() first. The model code never imports e
 def hide_hub_kernels():
     """Tell transformers (and diffusers, which loads it) that Hugging Face's `kernels` is not installed, so that it
     never imports this package in its place. Call before the first model class of either library is touched."""
-    import transformers.utils as utils
-    import transformers.utils.import_utils as import_utils
+    try:
+        import transformers.utils as utils
+        import transformers.utils.import_utils as import_utils
+    except ImportError:  # no transformers: nothing would import Hugging Face's package
+        return
 
     # both names: transformers' modules import the check from either, and it is cached (lru_cache) behind them
     utils.is_kernels_available = import_utils.is_kernels_available = lambda *args, **kwargs: False

@@ -312,5 +312,6 @@ def test_transformers_loads_beside_our_kernels_package():
 
     import kernels
 
-    importlib.import_module("transformers.integrations.hub_kernels")
+    pytest.importorskip("transformers")  # a test-only dependency; its absence is not this bug
+    importlib.import_module("transformers.integrations.hub_kernels")  # the import that failed: not a skip
     assert os.path.dirname(os.path.abspath(kernels.__file__)) == os.path.join(ROOT, "kernels")
