@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from kernels import hide_hub_kernels
+from hf_oracle import hide_hub_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
-hide_hub_kernels()  # before any test module imports transformers or diffusers (kernels/__init__.py says why)
+hide_hub_kernels()  # before any test module imports transformers or diffusers (hf_oracle.py says why)
 
 
 @pytest.fixture(scope="session")
