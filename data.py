@@ -718,13 +718,19 @@ class StoryBatches:
 
     `prefixes=True` trains on a random prefix of each story (1 to all of its frames, uniform, seeded by the story):
     every prefix is a valid story, and the mix holds ~1.5x more scene frames (what captioning and text-to-image
-    learn from) and as many first-event frames, at the cost of the later events (the small recipe's choice)."""
+    learn from) and as many first-event frames, at the cost of the later events (the small recipe's choice).
+    `first_frame_prob=P` (with prefixes) makes a document the story's first frame alone with probability P and
+    otherwise a uniform prefix of 2 to all frames; None keeps the uniform 1 to all (P = 0.32 on average). A lone
+    first frame is a caption (image first: no diffusion loss, so no UNet work) or a text-to-image example."""
 
-    def __init__(self, tokenizer, k, seq_len, batch_size, max_images, seed=0, size=32, prefixes=False):
+    def __init__(self, tokenizer, k, seq_len, batch_size, max_images, seed=0, size=32, prefixes=False,
+                 first_frame_prob=None):
+        if first_frame_prob is not None and not (prefixes and 0 <= first_frame_prob <= 1):
+            raise ValueError(f"first_frame_prob {first_frame_prob}: a probability in [0, 1], and only with prefixes")
         self.stories = ShapeStories("train", seed, size)
         self.tok, self.k, self.seq_len, self.B, self.max_images, self.size = (tokenizer, k, seq_len, batch_size,
                                                                               max_images, size)
-        self.seed, self.prefixes = seed, prefixes
+        self.seed, self.prefixes, self.first_frame_prob = seed, prefixes, first_frame_prob
         frames = 1 if prefixes else 2  # the shortest document: frames x (<BoI> + k placeholders + a short sentence)
         self.R = max(1, seq_len // (1 + frames * (k + 1 + 6) + 1))  # stories tried per row: >= the most that fit
 
@@ -733,7 +739,11 @@ class StoryBatches:
         story = self.stories[i]
         doc = story.segments()
         if self.prefixes:
-            n = int(np.random.default_rng([self.seed, i, 7]).integers(1, len(story.images) + 1))
+            rng, n_max = np.random.default_rng([self.seed, i, 7]), len(story.images)
+            if self.first_frame_prob is None:
+                n = int(rng.integers(1, n_max + 1))
+            else:
+                n = 1 if rng.random() < self.first_frame_prob else int(rng.integers(2, n_max + 1))
             doc = doc[:2 * n]  # each frame is two segments: its image and its sentence, in either order
         return doc
 

@@ -72,6 +72,9 @@ g.add_argument("--mmfs-points", type=int, metavar="P", help="sampling points per
                "(the small recipe: 4; the paper: 8)")
 g.add_argument("--prediction-type", choices=["v_prediction", "sample", "epsilon"], help="what the UNet predicts "
                "(the small recipe: v_prediction; sample = x0). Saved in the checkpoint, so sampling follows it")
+g.add_argument("--first-frame-prob", type=float, metavar="P", help="share of training documents that are a story's "
+               "first frame alone, a caption or a text-to-image example (the rest: a prefix of 2 to all frames); "
+               "default: a uniform prefix of 1 to all frames, which is P = 0.32 on average")
 g.add_argument("--data", metavar="JSONL", help="train on an interleaved JSONL corpus instead of ShapeStories")
 g.add_argument("--clip", metavar="DIR", help="--paper: a CLIP checkpoint directory (ViT-L/14)")
 g.add_argument("--llm", metavar="DIR", help="--paper: a LLaMA/Vicuna directory with its tokenizer.model")
@@ -136,6 +139,9 @@ if args.mmfs_first_layer is not None and args.mmfs_first_layer >= (n := M.preset
 if args.mmfs_points is not None and (args.paper or args.no_mmfs or args.mmfs_points < 1):
     fail(f"--mmfs-points {args.mmfs_points}: " + ("the paper model keeps the authors' 8" if args.paper else
          "--no-mmfs has no MMFS blocks" if args.no_mmfs else "at least 1 point"))
+if args.first_frame_prob is not None and (args.paper or args.data or not 0 <= args.first_frame_prob <= 1):
+    fail(f"--first-frame-prob {args.first_frame_prob}: " + ("a ShapeStories recipe's mix; --paper and --data read "
+         "whole documents" if args.paper or args.data else "a probability in [0, 1]"))
 if args.ema is not None and not 0 <= args.ema < 1:
     fail(f"--ema {args.ema}: a decay in [0, 1) (0: no average, the raw weights)")
 if args.paper and args.prediction_type:
@@ -157,6 +163,7 @@ try:
                         mmfs_max_side=args.mmfs_max_side, unet_attn_side=args.unet_attn_side,
                         mmfs_first_layer=args.mmfs_first_layer, mmfs_points=args.mmfs_points,
                         data=args.data, seed=args.seed,
+                        **({} if args.first_frame_prob is None else dict(first_frame_prob=args.first_frame_prob)),
                         parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
         for k in ("steps", "batch_size", "lr", "ema", "save_every"):
             if getattr(args, k) is not None:
@@ -330,7 +337,8 @@ try:
         batches = data.DocumentBatches(S.data, tok, K, S.seq_len, S.batch_size, max_images, S.seed, cfg.image_size)
     else:
         batches = data.StoryBatches(tok, K, S.seq_len, S.batch_size, max_images, S.seed, cfg.image_size,
-                                    prefixes=getattr(S, "prefixes", False))  # runs saved before the flag: off
+                                    prefixes=getattr(S, "prefixes", False),  # runs saved before the flag: off
+                                    first_frame_prob=getattr(S, "first_frame_prob", None))
 except ValueError as e:
     fail(str(e))
 

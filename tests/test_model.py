@@ -448,6 +448,24 @@ def test_story_prefixes_are_seeded_prefixes_of_every_length():
     assert len(full.document(0)) == 2 * len(data.make_story("train", 3, 0).images)
 
 
+def test_first_frame_prob_sets_the_share_of_lone_first_frames():
+    uniform = data.StoryBatches(None, K, 256, 4, 7, seed=3, prefixes=True)
+
+    def lengths(p):
+        sb = data.StoryBatches(None, K, 256, 4, 7, seed=3, prefixes=True, first_frame_prob=p)
+        return [len(sb.document(i)) // 2 for i in range(400)]
+
+    assert set(lengths(1.0)) == {1}
+    assert min(lengths(0.0)) == 2 and max(lengths(0.0)) == 5
+    share = np.mean([n == 1 for n in lengths(0.6)])
+    assert 0.53 < share < 0.67  # 400 draws: the standard error is 0.024
+    # the default, a uniform prefix, makes a lone first frame of a third of the documents (E[1/L], L in 2..5)
+    assert 0.25 < np.mean([len(uniform.document(i)) == 2 for i in range(400)]) < 0.39
+    for bad in dict(first_frame_prob=1.5), dict(first_frame_prob=-0.1), dict(first_frame_prob=0.5, prefixes=False):
+        with pytest.raises(ValueError, match="first_frame_prob"):
+            data.StoryBatches(None, K, 256, 4, 7, **{"prefixes": True, **bad})
+
+
 def test_collate_resizes_and_pads():
     big = np.full((48, 64, 3), 200, np.uint8)
     out = data.collate([([BOS, 5], []), ([BOS] + image_run(), [big])], PAD, 32)
