@@ -72,9 +72,9 @@ g.add_argument("--mmfs-points", type=int, metavar="P", help="sampling points per
                "(the small recipe: 4; the paper: 8)")
 g.add_argument("--prediction-type", choices=["v_prediction", "sample", "epsilon"], help="what the UNet predicts "
                "(the small recipe: v_prediction; sample = x0). Saved in the checkpoint, so sampling follows it")
-g.add_argument("--first-frame-prob", type=float, metavar="P", help="share of training documents that are a story's "
-               "first frame alone, a caption or a text-to-image example (the rest: a prefix of 2 to all frames); "
-               "default: a uniform prefix of 1 to all frames, which is P = 0.32 on average")
+g.add_argument("--first-frame-prob", metavar="P", help="share of training documents that are a story's first frame "
+               "alone, a caption or a text-to-image example (the rest: a prefix of 2 to all frames); 'uniform': a "
+               "uniform prefix of 1 to all frames, P = 0.32 on average")
 g.add_argument("--data", metavar="JSONL", help="train on an interleaved JSONL corpus instead of ShapeStories")
 g.add_argument("--clip", metavar="DIR", help="--paper: a CLIP checkpoint directory (ViT-L/14)")
 g.add_argument("--llm", metavar="DIR", help="--paper: a LLaMA/Vicuna directory with its tokenizer.model")
@@ -139,9 +139,19 @@ if args.mmfs_first_layer is not None and args.mmfs_first_layer >= (n := M.preset
 if args.mmfs_points is not None and (args.paper or args.no_mmfs or args.mmfs_points < 1):
     fail(f"--mmfs-points {args.mmfs_points}: " + ("the paper model keeps the authors' 8" if args.paper else
          "--no-mmfs has no MMFS blocks" if args.no_mmfs else "at least 1 point"))
-if args.first_frame_prob is not None and (args.paper or args.data or not 0 <= args.first_frame_prob <= 1):
-    fail(f"--first-frame-prob {args.first_frame_prob}: " + ("a ShapeStories recipe's mix; --paper and --data read "
-         "whole documents" if args.paper or args.data else "a probability in [0, 1]"))
+if args.first_frame_prob is not None:
+    if args.paper or args.data:
+        fail(f"--first-frame-prob {args.first_frame_prob}: a ShapeStories recipe's mix; --paper and --data read "
+             "whole documents")
+    try:
+        p_first = None if args.first_frame_prob == "uniform" else float(args.first_frame_prob)
+    except ValueError:
+        p_first = math.nan
+    if p_first is not None and not 0 <= p_first <= 1:  # NaN fails too
+        fail(f"--first-frame-prob {args.first_frame_prob}: a probability in [0, 1], or 'uniform'")
+    settings_mix = dict(first_frame_prob=p_first)
+else:
+    settings_mix = {}  # the preset's
 if args.ema is not None and not 0 <= args.ema < 1:
     fail(f"--ema {args.ema}: a decay in [0, 1) (0: no average, the raw weights)")
 if args.paper and args.prediction_type:
@@ -163,7 +173,7 @@ try:
                         mmfs_max_side=args.mmfs_max_side, unet_attn_side=args.unet_attn_side,
                         mmfs_first_layer=args.mmfs_first_layer, mmfs_points=args.mmfs_points,
                         data=args.data, seed=args.seed,
-                        **({} if args.first_frame_prob is None else dict(first_frame_prob=args.first_frame_prob)),
+                        **settings_mix,
                         parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
         for k in ("steps", "batch_size", "lr", "ema", "save_every"):
             if getattr(args, k) is not None:

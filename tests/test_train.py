@@ -206,6 +206,25 @@ def test_mmfs_points_flag_reaches_the_checkpoint(tmp_path):
     assert attn.n_points == 3 and attn.sampling_offsets.out_features == c.mmfs_heads * 3 * 2
 
 
+def test_first_frame_prob_flag_changes_the_batches_and_survives_resume(full_run, tmp_path):
+    for bad in (("--first-frame-prob", "1.5"), ("--first-frame-prob", "most"), ("--first-frame-prob", "nan"),
+                ("--first-frame-prob", "0.5", "--data", "x.jsonl")):
+        r = run("--out", tmp_path / "bad", *bad)
+        assert r.returncode != 0 and "--first-frame-prob" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "first"
+    assert run("--out", out, "--first-frame-prob", 1, "--stop-at", 3).returncode == 0
+    r = run("--out", out, "--resume")  # the mix comes back from the run's state, not from the command line
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "train" / "state.json").read_text())["settings"]["first_frame_prob"] == 1.0
+    lone, mixed = losses(out), losses(full_run)
+    assert len(lone) == 6 and all(torch.isfinite(torch.tensor(lone))) and lone != mixed  # other documents
+    uni = tmp_path / "uniform"  # 'uniform' is the default's draw: the same batches, so the same losses
+    assert run("--out", uni, "--first-frame-prob", "uniform", "--stop-at", 3).returncode == 0
+    assert json.loads((uni / "train" / "state.json").read_text())["settings"]["first_frame_prob"] is None
+    assert losses(uni) == mixed[:3]
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     r = run("--out", tmp_path, "--lr", "1e30", "--save-every", 1)
     assert r.returncode != 0 and "loss is" in r.stderr and "Traceback" not in r.stderr
