@@ -747,17 +747,25 @@ class StoryBatches:
             doc = doc[:2 * n]  # each frame is two segments: its image and its sentence, in either order
         return doc
 
-    def row(self, index):
-        ids, images = [], []
+    def row_documents(self, index):
+        """What row `index` packs: [(segments, ids, images)] of stories index·R, +1, ... until one does not fit."""
+        docs, n_ids, n_images = [], 0, 0
         for i in range(index * self.R, (index + 1) * self.R):
-            d_ids, d_imgs = tokenize_document(self.document(i), self.tok, self.k)
-            if len(ids) + len(d_ids) > self.seq_len or len(images) + len(d_imgs) > self.max_images:
-                if not ids:
+            doc = self.document(i)
+            d_ids, d_imgs = tokenize_document(doc, self.tok, self.k)
+            if n_ids + len(d_ids) > self.seq_len or n_images + len(d_imgs) > self.max_images:
+                if not docs:
                     raise ValueError(f"story {i} ({len(d_ids)} ids, {len(d_imgs)} images) does not fit a row of "
                                      f"seq_len = {self.seq_len} and max_images = {self.max_images}")
                 break
-            ids, images = ids + d_ids, images + d_imgs
-        return ids, images
+            docs.append((doc, d_ids, d_imgs))
+            n_ids, n_images = n_ids + len(d_ids), n_images + len(d_imgs)
+        return docs
+
+    def row(self, index):
+        """Row `index` as (ids, images): its documents one after another."""
+        docs = self.row_documents(index)
+        return [t for _, ids, _ in docs for t in ids], [im for _, _, images in docs for im in images]
 
     def batch(self, step, rank=0, world=1):
         """This rank's share (rows rank, rank + world, ...) of the global batch of `step`, collated."""

@@ -50,19 +50,10 @@ for p in args.probs:
     counts, tokens = np.zeros(4), 0
     for step in range(args.steps):
         for j in range(S["batch_size"]):
-            ids, _ = sb.row(step * S["batch_size"] + j)
-            tokens += len(ids)
-            # the row packs stories index*R, +1, ... in order until one did not fit: count the frames of those
-            index, held = step * S["batch_size"] + j, 0
-            for i in range(index * sb.R, (index + 1) * sb.R):
-                doc = sb.document(i)
-                n_ids = len(data.tokenize_document(doc, tok, K)[0])
-                if held + n_ids > len(ids):
-                    break
-                held += n_ids
-                story = sb.stories[i]
-                for k in range(len(doc) // 2):
-                    counts[(0 if k == 0 else 2) + (0 if story.image_first[k] else 1)] += 1
+            for doc, ids, _ in sb.row_documents(step * S["batch_size"] + j):  # what train.py's row j packs
+                tokens += len(ids)
+                for k in range(len(doc) // 2):  # frame k: its image segment first, or its sentence
+                    counts[(0 if k == 0 else 2) + (0 if "image" in doc[2 * k] else 1)] += 1
     c = counts / args.steps
     print(f"{p:>18} | " + " | ".join(f"{v:18.2f}" for v in c) +
           f" | {c.sum():6.2f} | {c[1:].sum():11.2f} | {tokens / args.steps:6.0f}")
