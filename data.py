@@ -35,7 +35,7 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -721,12 +721,16 @@ class StoryBatches:
     learn from) and as many first-event frames, at the cost of the later events (the small recipe's choice).
     `first_frame_prob=P` (with prefixes) makes a document the story's first frame alone with probability P and
     otherwise a uniform prefix of 2 to all frames; None keeps the uniform 1 to all (P = 0.32 on average). A lone
-    first frame is a caption (image first: no diffusion loss, so no UNet work) or a text-to-image example."""
+    first frame is a caption (image first: no diffusion loss, so no UNet work) or a text-to-image example.
+    `events_text_first=True` puts every event's sentence before its image, so each later frame is a continuation
+    (the event told, then drawn) rather than a frame drawn before its event is told; first frames keep the coin,
+    so captions and text-to-image are untouched. Both are choices of the training mix, not of the data."""
 
     def __init__(self, tokenizer, k, seq_len, batch_size, max_images, seed=0, size=32, prefixes=False,
-                 first_frame_prob=None):
+                 first_frame_prob=None, events_text_first=False):
         if first_frame_prob is not None and not (prefixes and 0 <= first_frame_prob <= 1):
             raise ValueError(f"first_frame_prob {first_frame_prob}: a probability in [0, 1], and only with prefixes")
+        self.events_text_first = bool(events_text_first)
         self.stories = ShapeStories("train", seed, size)
         self.tok, self.k, self.seq_len, self.B, self.max_images, self.size = (tokenizer, k, seq_len, batch_size,
                                                                               max_images, size)
@@ -737,6 +741,8 @@ class StoryBatches:
     def document(self, i):
         """Story i (or its seeded random prefix) as segments."""
         story = self.stories[i]
+        if self.events_text_first:  # the same story, its events told before they are drawn
+            story = replace(story, image_first=story.image_first[:1] + [False] * (len(story.images) - 1))
         doc = story.segments()
         if self.prefixes:
             rng, n_max = np.random.default_rng([self.seed, i, 7]), len(story.images)

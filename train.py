@@ -75,6 +75,8 @@ g.add_argument("--prediction-type", choices=["v_prediction", "sample", "epsilon"
 g.add_argument("--first-frame-prob", metavar="P", help="share of training documents that are a story's first frame "
                "alone, a caption or a text-to-image example (the rest: a prefix of 2 to all frames); 'uniform': a "
                "uniform prefix of 1 to all frames, P = 0.32 on average")
+g.add_argument("--events-text-first", action="store_true", help="every event's sentence before its image in training, "
+               "so each later frame is a continuation (default: the story's coin, image first for half of them)")
 g.add_argument("--data", metavar="JSONL", help="train on an interleaved JSONL corpus instead of ShapeStories")
 g.add_argument("--clip", metavar="DIR", help="--paper: a CLIP checkpoint directory (ViT-L/14)")
 g.add_argument("--llm", metavar="DIR", help="--paper: a LLaMA/Vicuna directory with its tokenizer.model")
@@ -152,6 +154,10 @@ if args.first_frame_prob is not None:
     settings_mix = dict(first_frame_prob=p_first)
 else:
     settings_mix = {}  # the preset's
+if args.events_text_first:
+    if args.paper or args.data:
+        fail("--events-text-first: a ShapeStories recipe's mix; --paper and --data read documents as they are")
+    settings_mix["events_text_first"] = True
 if args.ema is not None and not 0 <= args.ema < 1:
     fail(f"--ema {args.ema}: a decay in [0, 1) (0: no average, the raw weights)")
 if args.paper and args.prediction_type:
@@ -348,7 +354,8 @@ try:
     else:
         batches = data.StoryBatches(tok, K, S.seq_len, S.batch_size, max_images, S.seed, cfg.image_size,
                                     prefixes=getattr(S, "prefixes", False),  # runs saved before the flag: off
-                                    first_frame_prob=getattr(S, "first_frame_prob", None))
+                                    first_frame_prob=getattr(S, "first_frame_prob", None),
+                                    events_text_first=getattr(S, "events_text_first", False))
 except ValueError as e:
     fail(str(e))
 

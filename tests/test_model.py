@@ -466,6 +466,22 @@ def test_first_frame_prob_sets_the_share_of_lone_first_frames():
             data.StoryBatches(None, K, 256, 4, 7, **{"prefixes": True, **bad})
 
 
+def test_events_text_first_tells_every_event_before_its_image():
+    coin = data.StoryBatches(None, K, 256, 4, 7, seed=3, prefixes=True, first_frame_prob=0.0)
+    told = data.StoryBatches(None, K, 256, 4, 7, seed=3, prefixes=True, first_frame_prob=0.0, events_text_first=True)
+    later_image_first = 0
+    for i in range(60):
+        a, b = coin.document(i), told.document(i)
+        assert len(a) == len(b) >= 4  # the same prefix of the same story
+        assert ("image" in a[0]) == ("image" in b[0])  # the first frame keeps its coin: caption or text-to-image
+        for k in range(1, len(b) // 2):  # frame k of the told story: its sentence, then its image
+            assert "text" in b[2 * k] and "image" in b[2 * k + 1]
+            later_image_first += "image" in a[2 * k]
+        same = lambda d: sorted((s.get("text", ""), s["image"].tobytes() if "image" in s else b"") for s in d)
+        assert same(a) == same(b)  # only the order changed
+    assert later_image_first > 30  # the coin put about half of the ~150 events after their image
+
+
 def test_collate_resizes_and_pads():
     big = np.full((48, 64, 3), 200, np.uint8)
     out = data.collate([([BOS, 5], []), ([BOS] + image_run(), [big])], PAD, 32)

@@ -225,6 +225,19 @@ def test_first_frame_prob_flag_changes_the_batches_and_survives_resume(full_run,
     assert losses(uni) == mixed[:3]
 
 
+def test_events_text_first_flag_changes_the_batches_and_survives_resume(full_run, tmp_path):
+    r = run("--out", tmp_path / "bad", "--events-text-first", "--data", "x.jsonl")
+    assert r.returncode != 0 and "--events-text-first" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "tf"
+    assert run("--out", out, "--events-text-first", "--stop-at", 3).returncode == 0
+    r = run("--out", out, "--resume")  # the mix comes back from the run's state, not from the command line
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "train" / "state.json").read_text())["settings"]["events_text_first"] is True
+    told, mixed = losses(out), losses(full_run)
+    assert len(told) == 6 and all(torch.isfinite(torch.tensor(told))) and told != mixed  # events moved before images
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     r = run("--out", tmp_path, "--lr", "1e30", "--save-every", 1)
     assert r.returncode != 0 and "loss is" in r.stderr and "Traceback" not in r.stderr
