@@ -91,7 +91,8 @@ def run_one(variant):
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     cfg = net.cfg
     batches = data.StoryBatches(tok, cfg.num_image_tokens, small["seq_len"], small["batch_size"],
-                                cfg.llm.max_images - 1, 0, cfg.image_size, prefixes=True)
+                                cfg.llm.max_images - 1, 0, cfg.image_size, prefixes=True,
+                                first_frame_prob=0.6, events_text_first=True)  # train.py's small mix since session 20
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16")
     parts = {"forward": 0.0, "backward": 0.0, "update": 0.0}
     for step in range(args.warmup + args.steps):
