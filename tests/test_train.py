@@ -236,6 +236,10 @@ def test_events_text_first_flag_changes_the_batches_and_survives_resume(full_run
     assert json.loads((out / "train" / "state.json").read_text())["settings"]["events_text_first"] is True
     told, mixed = losses(out), losses(full_run)
     assert len(told) == 6 and all(torch.isfinite(torch.tensor(told))) and told != mixed  # events moved before images
+    off = tmp_path / "coin"  # --no-events-text-first keeps the story's coin: the default's batches and losses
+    assert run("--out", off, "--no-events-text-first", "--stop-at", 3).returncode == 0
+    assert json.loads((off / "train" / "state.json").read_text())["settings"]["events_text_first"] is False
+    assert losses(off) == mixed[:3]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
