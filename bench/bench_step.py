@@ -19,7 +19,9 @@ timed (allocator and oneDNN warm-up). The variants:
                 (--unet-attn-side 8,16);
   llm-every1    an MMFS block in every LLM layer (LLaMAConfig.mmfs_every 1) instead of every 2nd (layers 0 and 2);
   llm-p8        the LLM's MMFS with 8 points per head and level instead of 4 (the paper's 8);
-  llm-p16       16 points (train.py --mmfs-points 16).
+  llm-p16       16 points (train.py --mmfs-points 16);
+  unet-wide     the UNet's channels doubled, (64, 128, 128) instead of (32, 64, 64);
+  unet-l2       two ResNet (and attention) layers per UNet block instead of one (SD has two).
 
 The ratio column is each variant's step time over the first variant's, measured in this one run. Do not run it beside
 a training run: two 2-thread processes on 2 cores slow each other several-fold.
@@ -45,7 +47,8 @@ import llm  # noqa: E402
 import model as M  # noqa: E402
 import unet  # noqa: E402
 
-VARIANTS = ("preset", "bf16", "mmfs32", "c1s2+mmfs32", "attn8", "attn16up", "llm-every1", "llm-p8", "llm-p16")
+VARIANTS = ("preset", "bf16", "mmfs32", "c1s2+mmfs32", "attn8", "attn16up", "llm-every1", "llm-p8", "llm-p16", "unet-wide",
+            "unet-l2")
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time")
@@ -68,6 +71,10 @@ def build(variant, tok):
         cfg.llm = dataclasses.replace(cfg.llm, mmfs_every=1)
     if variant in ("llm-p8", "llm-p16"):
         cfg.llm = dataclasses.replace(cfg.llm, mmfs_points=int(variant[5:]))
+    if variant == "unet-wide":
+        cfg.unet = dataclasses.replace(cfg.unet, block_out_channels=tuple(2 * c for c in cfg.unet.block_out_channels))
+    if variant == "unet-l2":
+        cfg.unet = dataclasses.replace(cfg.unet, layers_per_block=2)
     if "mmfs32" in variant:
         cfg.unet = dataclasses.replace(cfg.unet, mmfs_max_side=0)
     if "c1s2" in variant:  # c1 is 32x32; MMFS reads it in place of the 16x16 level there no longer is
