@@ -178,6 +178,19 @@ def test_unet_attn_side_flag_reaches_the_checkpoint_and_resume_keeps_it(tmp_path
     assert c.down_block_types == ("DownBlock2D",) * 2 and c.up_block_types == ("CrossAttnUpBlock2D",) * 2
 
 
+def test_unet_layers_flag_reaches_the_checkpoint(tmp_path):
+    r = run("--out", tmp_path / "bad", "--unet-layers", 0)
+    assert r.returncode != 0 and "--unet-layers" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "l2"
+    assert run("--out", out, "--unet-layers", 2, "--stop-at", 1).returncode == 0
+    net, _ = M.MMInterleaved.from_checkpoint(out)
+    assert net.cfg.unet.layers_per_block == 2 != M.preset("tiny").unet.layers_per_block
+    # the blocks really hold two ResNets (the up blocks one more, as in diffusers), not just the config's number
+    assert [len(b.resnets) for b in net.unet.down_blocks] == [2] * len(net.unet.down_blocks)
+    assert [len(b.resnets) for b in net.unet.up_blocks] == [3] * len(net.unet.up_blocks)
+
+
 def test_mmfs_first_layer_flag_reaches_the_checkpoint(tmp_path):
     for bad, says in (("-1", ">= 0"), ("2", "layers 0 to 1")):  # the tiny LLM has 2 layers
         r = run("--out", tmp_path / "bad", f"--mmfs-first-layer={bad}")
