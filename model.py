@@ -56,6 +56,10 @@ class MMConfig:
     # diffusion-loss weight of a text-to-image frame (no earlier image in its segment to copy through MMFS) against
     # a continuation's 1; the authors weight all images alike (1)
     t2i_loss_weight: float = 1.0
+    # (timestep, noise) draws per image in a training step, each with the image's one condition: the UNet runs
+    # noise_draws times as often while the ViT, the LLM and the decoder run once (MAR's "diffusion batch
+    # multiplier", Li et al. 2024). The image loss is the mean over all draws. 1: one draw, as the authors
+    noise_draws: int = 1
     # small recipe: one more condition token, the mean of the projected context states, which also joins the UNet's
     # time embedding: a direct path past the decoder Q-Former, whose from-scratch outputs barely vary with the prompt
     pooled_condition: bool = False
@@ -199,6 +203,8 @@ class MMInterleaved(nn.Module):
                              f"unet.cross_attention_dim ({c.unet.cross_attention_dim})")
         if not 0 <= c.mmfs_hide_prob <= 1:  # `not` so that NaN fails too
             raise ValueError(f"MMConfig: mmfs_hide_prob {c.mmfs_hide_prob} is not a probability in [0, 1]")
+        if isinstance(c.noise_draws, bool) or not isinstance(c.noise_draws, int) or c.noise_draws < 1:
+            raise ValueError(f"MMConfig: noise_draws {c.noise_draws!r} is not a whole number >= 1")
         if c.mmfs_hide_prob > 0 and not c.unet.mmfs:
             raise ValueError(f"MMConfig: mmfs_hide_prob {c.mmfs_hide_prob} needs the UNet's MMFS (unet.mmfs is off)")
         self.vit = parts["vit"] if "vit" in parts else vit_lib.ViTAdapter(c.vit)
@@ -408,25 +414,27 @@ class MMInterleaved(nn.Module):
         return self.llm.hidden(inputs_embeds=embeds, images=values, image_mask=mask), pyramid
 
     def draws(self, x0, images_per_row, generator=None):
-        """The random draws of a training step: CFG dropout (ΣI,) bool, timesteps (ΣI,), noise like x0, and which
-        images MMFS sees without their previous image (ΣI,) bool (drawn last, and only when mmfs_hide_prob > 0, so
-        the other draws do not depend on it).
+        """The random draws of a training step, noise_draws (R) per image: CFG dropout (R·ΣI,) bool, timesteps
+        (R·ΣI,), noise (R·ΣI, C, s, s), and which draws MMFS makes without their previous image (R·ΣI,) bool (drawn
+        last, and only when mmfs_hide_prob > 0, so the other draws do not depend on it). Draw r of image i is at
+        r·ΣI + i; with R = 1 that is simply image i.
 
         `generator` is one torch.Generator or one per row; per-row generators make a row's draws independent of
         which other rows share its batch, so DDP ranks draw exactly what one process would."""
         gens = generator if isinstance(generator, (list, tuple)) else [generator]
         counts = list(map(int, images_per_row)) if len(gens) > 1 else [x0.shape[0]]
         drop, t, noise, hide = [], [], [], []
-        p_hide = self.cfg.mmfs_hide_prob
+        p_hide, R = self.cfg.mmfs_hide_prob, self.cfg.noise_draws
         for gen, k in zip(gens, counts, strict=True):
             dev = gen.device if gen is not None else x0.device
-            drop.append(torch.rand(k, generator=gen, device=dev) < self.cfg.uncond_prob)
-            t.append(diffusion.sample_timesteps(k, self.cfg.schedule, gen, dev))
-            noise.append(torch.randn((k, *x0.shape[1:]), generator=gen, device=dev))
-            hide.append(torch.rand(k, generator=gen, device=dev) < p_hide if p_hide > 0 else
-                        torch.zeros(k, dtype=torch.bool))
-        return (torch.cat(drop).to(x0.device), torch.cat(t).to(x0.device),
-                torch.cat(noise).to(x0.device, x0.dtype), torch.cat(hide).to(x0.device))
+            drop.append(torch.rand(R, k, generator=gen, device=dev) < self.cfg.uncond_prob)
+            t.append(diffusion.sample_timesteps(R * k, self.cfg.schedule, gen, dev).view(R, k))
+            noise.append(torch.randn((R, k, *x0.shape[1:]), generator=gen, device=dev))
+            hide.append(torch.rand(R, k, generator=gen, device=dev) < p_hide if p_hide > 0 else
+                        torch.zeros(R, k, dtype=torch.bool))
+        # rows side by side, then draw-major: (R, ΣI, ...) -> (R·ΣI, ...)
+        drop, t, noise, hide = (torch.cat(d, 1).flatten(0, 1) for d in (drop, t, noise, hide))
+        return drop.to(x0.device), t.to(x0.device), noise.to(x0.device, x0.dtype), hide.to(x0.device)
 
     def forward(self, tokens, images, images_per_row, generator=None, counts=None):
         """Training losses (§6.1) -> dict(loss, loss_txt, loss_img, n_txt, n_img).
@@ -447,11 +455,13 @@ class MMInterleaved(nn.Module):
         if n_img:
             cond, lengths = self.image_condition(h, rows, cols, start)                     # (ΣI, Q, ctx)
             x0 = self.to_diffusion_space(images)                                           # (ΣI, C, s, s)
-            drop, t, noise, hide = self.draws(x0, images_per_row, generator)
+            drop, t, noise, hide = self.draws(x0, images_per_row, generator)               # (R·ΣI, ...)
+            R = c.noise_draws  # each image R times over, with its one condition
+            x0, cond, prev, lengths = x0.repeat(R, 1, 1, 1), cond.repeat(R, 1, 1), prev.repeat(R), lengths.repeat(R)
             cond = torch.where(drop[:, None, None], self.neg_prompt_embeds.to(cond.dtype), cond)  # learned negative
             # §5.4: no loss for a segment-opening image (context <s><BoI> only), so the UNet skips those; the draws
             # above were made for every image, so which images are kept never shifts another image's noise
-            counted = lengths > 2                                                          # (ΣI,)
+            counted = lengths > 2                                                          # (R·ΣI,)
             keep = counted.nonzero(as_tuple=True)[0] if counted.any() else counted.new_zeros(1).long()  # (n,)
             x0, t, noise, cond, prev = x0[keep], t[keep], noise[keep], cond[keep], prev[keep]
             feats, fmask = self.previous_features(pyramid, prev.masked_fill(hide[keep], -1))  # mmfs_hide_prob
@@ -469,7 +479,7 @@ class MMInterleaved(nn.Module):
         tot_txt, tot_img = counts if counts is not None else (n_txt, n_img)
         loss_txt = ce / max(tot_txt, 1)
         loss_back = back / max(tot_txt, 1)  # per text target, as loss_txt, so DDP ranks add up to the global mean
-        loss_img = mse / max(tot_img, 1)  # mean over all images, masked ones included (§5.4)
+        loss_img = mse / max(tot_img * c.noise_draws, 1)  # mean over all draws, masked ones included (§5.4)
         loss = c.loss_txt_weight * (loss_txt + loss_back) + c.loss_img_weight * loss_img
         return dict(loss=loss, loss_txt=loss_txt.detach(), loss_back=loss_back.detach(), loss_img=loss_img.detach(),
                     n_txt=n_txt, n_img=n_img)

@@ -72,6 +72,9 @@ g.add_argument("--unet-attn-side", metavar="N[,M]", help="attention (self and cr
                "frame's MMFS residuals arrive (the small recipe: 16; 8 leaves only the 8x8 blocks)")
 g.add_argument("--unet-layers", type=int, metavar="N", help="ResNet (and attention) layers in each UNet block (the "
                "small recipe: 1; SD: 2)")
+g.add_argument("--noise-draws", type=int, metavar="R", help="(timestep, noise) draws per image and step, sharing the "
+               "image's condition: the UNet trains R times as often, the ViT and the LLM once (MMConfig.noise_draws; "
+               "the small recipe: 1)")
 g.add_argument("--mmfs-first-layer", type=int, metavar="N", help="the LLM's first layer with an MMFS block, the "
                "next ones at the preset's spacing (the small recipe: 0 as the paper, so layers 0 and 2; 1 gives 1, 3)")
 g.add_argument("--mmfs-points", type=int, metavar="P", help="sampling points per head and level of the LLM's MMFS "
@@ -140,6 +143,8 @@ if args.unet_attn_side is not None:
 if args.unet_layers is not None and (args.paper or args.unet_layers < 1):
     fail(f"--unet-layers {args.unet_layers}: " + ("the paper model keeps SD's blocks" if args.paper else
                                                   "at least 1 layer per block"))
+if args.noise_draws is not None and args.noise_draws < 1:
+    fail(f"--noise-draws {args.noise_draws}: at least 1 draw per image")
 if args.mmfs_max_side is not None and (args.paper or args.no_mmfs or args.mmfs_max_side < 0):
     fail(f"--mmfs-max-side {args.mmfs_max_side}: " + ("the paper model keeps MMFS on every map" if args.paper else
          "--no-mmfs has no MMFS residuals" if args.no_mmfs else "a map side is >= 0 (0: every map)"))
@@ -187,7 +192,7 @@ try:
         settings = dict(PRESETS[preset_name], no_mmfs=args.no_mmfs, mmfs_hide_prob=args.mmfs_hide_prob,
                         prediction_type=args.prediction_type,
                         mmfs_max_side=args.mmfs_max_side, unet_attn_side=args.unet_attn_side,
-                        unet_layers=args.unet_layers,
+                        unet_layers=args.unet_layers, noise_draws=args.noise_draws,
                         mmfs_first_layer=args.mmfs_first_layer, mmfs_points=args.mmfs_points,
                         data=args.data, seed=args.seed,
                         **settings_mix,
@@ -264,6 +269,8 @@ else:
         cfg.unet = unet.with_attention(cfg.unet, *S.unet_attn_side)
     if getattr(S, "prediction_type", None):
         cfg.schedule = dataclasses.replace(cfg.schedule, prediction_type=S.prediction_type)
+    if getattr(S, "noise_draws", None) is not None:
+        cfg = dataclasses.replace(cfg, noise_draws=S.noise_draws)
     cfg = dataclasses.replace(cfg, **hide)
     try:
         model = M.MMInterleaved(cfg).to(device)

@@ -266,6 +266,52 @@ def test_skipping_segment_opening_images_keeps_the_loss():
     torch.testing.assert_close(out["loss_img"], (err_h * torch.tensor([0.0, 1.0, 1.0])).sum() / 3, rtol=1e-5, atol=0)
 
 
+def test_noise_draws_average_the_image_loss_over_draws_that_share_a_condition():
+    """noise_draws R: every image is noised R times, each draw with its own timestep, noise and CFG coin but the one
+    condition the LLM gave it; the image loss is the mean over all R·ΣI draws (segment-opening ones weighted 0)."""
+    net = tiny(noise_draws=2)
+    with torch.no_grad():  # live MMFS residuals and pooled condition, so the previous image and cond matter
+        for p in [*net.unet.mmfs.parameters(), *net.pooled_proj.parameters()]:
+            p.normal_(0, 0.1)
+    r0 = [BOS] + image_run() + [10, 11] + image_run() + [EOS]  # image 0 opens its segment, image 1 continues it
+    r1 = [BOS, 12] + image_run() + [13, EOS]                     # image 2: text-to-image
+    tokens, images, per_row = batch_of([r0, r1])
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6)]  # noqa: E731  (one per row, as train.py)
+    out = net(tokens, images, per_row, generator=gens())
+    with torch.no_grad():
+        h, pyramid = net.hidden_states(tokens, images, per_row)
+        rows, cols, start, prev = net.image_index(tokens, per_row)
+        cond, lengths = net.image_condition(h, rows, cols, start)                      # (3, Q, ctx)
+        x0 = net.to_diffusion_space(images)
+        drop, t, noise, hide = net.draws(x0, per_row, gens())
+        assert t.shape == (6,) and noise.shape == (6, *x0.shape[1:]) and drop.shape == hide.shape == (6,)
+        # draw-major: row 0 drew (2, 2) values, row 1 (2, 1), laid out as [draw 0 of images 0-2, draw 1 of 0-2]
+        g0 = gens()[0]
+        torch.rand(2, 2, generator=g0)
+        assert torch.equal(t.view(2, 3)[:, :2], diffusion.sample_timesteps(4, net.cfg.schedule, g0).view(2, 2))
+        assert not torch.equal(noise[:3], noise[3:])  # the draws of an image differ
+        err = []
+        for r in range(2):
+            sl = slice(3 * r, 3 * r + 3)
+            c = torch.where(drop[sl, None, None], net.neg_prompt_embeds, cond)  # each draw: the image's own cond
+            feats, fmask = net.previous_features(pyramid, prev)
+            pred = net.unet_forward(diffusion.q_sample(x0, t[sl], noise[sl], net.cfg.schedule), t[sl], c, feats,
+                                    fmask)
+            err.append((pred - diffusion.training_target(x0, noise[sl], t[sl], net.cfg.schedule)).pow(2)
+                       .flatten(1).mean(1))
+        err = torch.stack(err)                                                           # (R, 3)
+        want = (err * torch.tensor([0.0, 1.0, 1.0])).sum() / 6  # image 0 opens its segment: weighted 0
+    assert (err[:, 1:] > 0).all() and not torch.allclose(err[0], err[1])
+    torch.testing.assert_close(out["loss_img"], want, rtol=1e-5, atol=0)
+    assert out["n_img"] == 3  # images, not draws
+
+
+@pytest.mark.parametrize("r", [0, -1, 1.5, True])
+def test_noise_draws_must_be_a_whole_number_from_1(r):
+    with pytest.raises(ValueError, match="noise_draws .* not a whole number"):
+        M.MMInterleaved(M.preset("tiny", noise_draws=r))
+
+
 def test_no_counted_image_still_gives_every_unet_parameter_a_gradient():
     net = tiny()
     tokens, images, per_row = batch_of([[BOS] + image_run() + [10, EOS]])  # one segment-opening image only
