@@ -21,7 +21,9 @@ timed (allocator and oneDNN warm-up). The variants:
   llm-p8        the LLM's MMFS with 8 points per head and level instead of 4 (the paper's 8);
   llm-p16       16 points (train.py --mmfs-points 16);
   unet-wide     the UNet's channels doubled, (64, 128, 128) instead of (32, 64, 64);
-  unet-l2       two ResNet (and attention) layers per UNet block instead of one (SD has two).
+  unet-l2       two ResNet (and attention) layers per UNet block instead of one (SD has two);
+  draws2        two (timestep, noise) draws per image sharing its condition (train.py --noise-draws 2): the UNet's
+                work doubles, the ViT's and the LLM's do not.
 
 The ratio column is each variant's step time over the first variant's, measured in this one run. Do not run it beside
 a training run: two 2-thread processes on 2 cores slow each other several-fold.
@@ -46,9 +48,10 @@ import data  # noqa: E402
 import llm  # noqa: E402
 import model as M  # noqa: E402
 import unet  # noqa: E402
+from bench.recipe import train_preset  # noqa: E402
 
 VARIANTS = ("preset", "bf16", "mmfs32", "c1s2+mmfs32", "attn8", "attn16up", "llm-every1", "llm-p8", "llm-p16", "unet-wide",
-            "unet-l2")
+            "unet-l2", "draws2")
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time")
@@ -75,6 +78,8 @@ def build(variant, tok):
         cfg.unet = dataclasses.replace(cfg.unet, block_out_channels=tuple(2 * c for c in cfg.unet.block_out_channels))
     if variant == "unet-l2":
         cfg.unet = dataclasses.replace(cfg.unet, layers_per_block=2)
+    if variant == "draws2":
+        cfg.noise_draws = 2
     if "mmfs32" in variant:
         cfg.unet = dataclasses.replace(cfg.unet, mmfs_max_side=0)
     if "c1s2" in variant:  # c1 is 32x32; MMFS reads it in place of the 16x16 level there no longer is
@@ -87,7 +92,7 @@ def build(variant, tok):
 
 def run_one(variant):
     """-> mean seconds per part over the timed steps, this process's peak RSS (MiB) and the last loss."""
-    small = {"batch_size": args.batch_size, "seq_len": 512, "lr": 1e-3, "ema": 0.995}  # train.py's PRESETS["small"]
+    small = dict(train_preset("small"), batch_size=args.batch_size)  # train.py's recipe, read from its source
     with tempfile.TemporaryDirectory() as tmp:
         tok = llm.Tokenizer.train(data.story_corpus(2000, 0), os.path.join(tmp, "tok"), 400)
     net = build(variant, tok)
@@ -98,8 +103,9 @@ def run_one(variant):
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     cfg = net.cfg
     batches = data.StoryBatches(tok, cfg.num_image_tokens, small["seq_len"], small["batch_size"],
-                                cfg.llm.max_images - 1, 0, cfg.image_size, prefixes=True,
-                                first_frame_prob=0.6, events_text_first=True)  # train.py's small mix since session 20
+                                cfg.llm.max_images - 1, 0, cfg.image_size, prefixes=small["prefixes"],
+                                first_frame_prob=small["first_frame_prob"],
+                                events_text_first=small["events_text_first"])
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16")
     parts = {"forward": 0.0, "backward": 0.0, "update": 0.0}
     for step in range(args.warmup + args.steps):

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import llm  # noqa: E402
 import model as M  # noqa: E402
+from bench.recipe import train_preset  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--probs", nargs="+", default=["uniform", "0.5", "0.6", "0.75"],
@@ -36,7 +37,7 @@ ap.add_argument("--steps", type=int, default=200, help="batches counted per mix"
 ap.add_argument("--seed", type=int, default=0)
 args = ap.parse_args()
 
-S = dict(batch_size=2, seq_len=512, vocab=400, corpus=2000)  # train.py's PRESETS["small"]
+S = train_preset("small")  # batch size, sequence length, tokenizer: train.py's, read from its source
 cfg = M.preset("small")
 K, max_images = cfg.num_image_tokens, cfg.llm.max_images - 1  # as train.py
 with tempfile.TemporaryDirectory() as tmp:

@@ -42,6 +42,18 @@ def test_tiny_run_writes_a_loadable_checkpoint(full_run):
     assert net.cfg.llm.vocab_size == tok.n_vocab and json.loads((full_run / "train/state.json").read_text())["step"] == 6
 
 
+def test_benches_read_the_recipe_train_py_runs(full_run):
+    """bench/recipe.py parses train.py's PRESETS instead of restating it: what it reads is what a run saves."""
+    sys.path.insert(0, str(ROOT))
+    from bench.recipe import train_preset
+    settings = json.loads((full_run / "train/state.json").read_text())["settings"]
+    tiny = train_preset("tiny")
+    assert tiny and {k: settings[k] for k in tiny} == tiny
+    small = train_preset("small")  # what bench_step.py and data_mix.py build batches from
+    assert {"batch_size", "seq_len", "prefixes", "first_frame_prob", "events_text_first"} <= small.keys()
+    with pytest.raises(KeyError, match="no preset 'huge'"):
+        train_preset("huge")
+
 def test_resume_after_interruption_repeats_the_run(full_run, tmp_path):
     r = run("--out", tmp_path, "--stop-at", 3)
     assert r.returncode == 0, r.stderr
@@ -190,6 +202,18 @@ def test_unet_layers_flag_reaches_the_checkpoint(tmp_path):
     assert [len(b.resnets) for b in net.unet.down_blocks] == [2] * len(net.unet.down_blocks)
     assert [len(b.resnets) for b in net.unet.up_blocks] == [3] * len(net.unet.up_blocks)
 
+
+def test_noise_draws_flag_reaches_the_checkpoint_and_changes_the_run(full_run, tmp_path):
+    r = run("--out", tmp_path / "bad", "--noise-draws", 0)
+    assert r.returncode != 0 and "--noise-draws" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "nd2"
+    assert run("--out", out, "--noise-draws", 2, "--stop-at", 2).returncode == 0
+    net, _ = M.MMInterleaved.from_checkpoint(out)
+    assert net.cfg.noise_draws == 2 != M.preset("tiny").noise_draws
+    # the same batches and init, other draws: the first step's text loss is the same, its image loss is not
+    a, b = (json.loads((d / "metrics.jsonl").read_text().splitlines()[0]) for d in (full_run, out))
+    assert a["loss_txt"] == b["loss_txt"] and a["loss_img"] != b["loss_img"]
 
 def test_mmfs_first_layer_flag_reaches_the_checkpoint(tmp_path):
     for bad, says in (("-1", ">= 0"), ("2", "layers 0 to 1")):  # the tiny LLM has 2 layers
