@@ -22,8 +22,8 @@ timed (allocator and oneDNN warm-up). The variants:
   llm-p16       16 points (train.py --mmfs-points 16);
   unet-wide     the UNet's channels doubled, (64, 128, 128) instead of (32, 64, 64);
   unet-l2       two ResNet (and attention) layers per UNet block instead of one (SD has two);
-  draws2        two (timestep, noise) draws per image sharing its condition (train.py --noise-draws 2): the UNet's
-                work doubles, the ViT's and the LLM's do not.
+  draws1        one (timestep, noise) draw per image (train.py --noise-draws 1, the recipe until session 22) instead
+                of the preset's two that share each image's condition: half the UNet's work, the same ViT and LLM.
 
 The ratio column is each variant's step time over the first variant's, measured in this one run. Do not run it beside
 a training run: two 2-thread processes on 2 cores slow each other several-fold.
@@ -51,7 +51,7 @@ import unet  # noqa: E402
 from bench.recipe import train_preset  # noqa: E402
 
 VARIANTS = ("preset", "bf16", "mmfs32", "c1s2+mmfs32", "attn8", "attn16up", "llm-every1", "llm-p8", "llm-p16", "unet-wide",
-            "unet-l2", "draws2")
+            "unet-l2", "draws1")
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time")
@@ -78,8 +78,7 @@ def build(variant, tok):
         cfg.unet = dataclasses.replace(cfg.unet, block_out_channels=tuple(2 * c for c in cfg.unet.block_out_channels))
     if variant == "unet-l2":
         cfg.unet = dataclasses.replace(cfg.unet, layers_per_block=2)
-    if variant == "draws2":
-        cfg.noise_draws = 2
+    cfg.noise_draws = 1 if variant == "draws1" else train_preset("small").get("noise_draws", 1)
     if "mmfs32" in variant:
         cfg.unet = dataclasses.replace(cfg.unet, mmfs_max_side=0)
     if "c1s2" in variant:  # c1 is 32x32; MMFS reads it in place of the 16x16 level there no longer is
