@@ -457,11 +457,11 @@ class MMInterleaved(nn.Module):
             x0 = self.to_diffusion_space(images)                                           # (ΣI, C, s, s)
             drop, t, noise, hide = self.draws(x0, images_per_row, generator)               # (R·ΣI, ...)
             R = c.noise_draws  # each image R times over, with its one condition
-            x0, cond, prev, lengths = x0.repeat(R, 1, 1, 1), cond.repeat(R, 1, 1), prev.repeat(R), lengths.repeat(R)
+            x0, cond, prev = x0.repeat(R, 1, 1, 1), cond.repeat(R, 1, 1), prev.repeat(R)
             cond = torch.where(drop[:, None, None], self.neg_prompt_embeds.to(cond.dtype), cond)  # learned negative
             # §5.4: no loss for a segment-opening image (context <s><BoI> only), so the UNet skips those; the draws
             # above were made for every image, so which images are kept never shifts another image's noise
-            counted = lengths > 2                                                          # (R·ΣI,)
+            counted = (lengths > 2).repeat(R)                                              # (R·ΣI,)
             keep = counted.nonzero(as_tuple=True)[0] if counted.any() else counted.new_zeros(1).long()  # (n,)
             x0, t, noise, cond, prev = x0[keep], t[keep], noise[keep], cond[keep], prev[keep]
             feats, fmask = self.previous_features(pyramid, prev.masked_fill(hide[keep], -1))  # mmfs_hide_prob

@@ -50,6 +50,8 @@ import model as M  # noqa: E402
 import unet  # noqa: E402
 from bench.recipe import train_preset  # noqa: E402
 
+SMALL = train_preset("small")  # train.py's recipe, read from its source once
+
 VARIANTS = ("preset", "bf16", "mmfs32", "c1s2+mmfs32", "attn8", "attn16up", "llm-every1", "llm-p8", "llm-p16", "unet-wide",
             "unet-l2", "draws1")
 
@@ -78,7 +80,7 @@ def build(variant, tok):
         cfg.unet = dataclasses.replace(cfg.unet, block_out_channels=tuple(2 * c for c in cfg.unet.block_out_channels))
     if variant == "unet-l2":
         cfg.unet = dataclasses.replace(cfg.unet, layers_per_block=2)
-    cfg.noise_draws = 1 if variant == "draws1" else train_preset("small").get("noise_draws", 1)
+    cfg.noise_draws = 1 if variant == "draws1" else SMALL.get("noise_draws", 1)
     if "mmfs32" in variant:
         cfg.unet = dataclasses.replace(cfg.unet, mmfs_max_side=0)
     if "c1s2" in variant:  # c1 is 32x32; MMFS reads it in place of the 16x16 level there no longer is
@@ -91,7 +93,7 @@ def build(variant, tok):
 
 def run_one(variant):
     """-> mean seconds per part over the timed steps, this process's peak RSS (MiB) and the last loss."""
-    small = dict(train_preset("small"), batch_size=args.batch_size)  # train.py's recipe, read from its source
+    small = dict(SMALL, batch_size=args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         tok = llm.Tokenizer.train(data.story_corpus(2000, 0), os.path.join(tmp, "tok"), 400)
     net = build(variant, tok)

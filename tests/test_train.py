@@ -20,6 +20,13 @@ def run(*args, env=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def refused(out, *args, says):
+    """train.py with a bad flag: a non-zero exit, one line naming the problem (`says`), no output directory."""
+    r = run("--out", out, *args)
+    assert r.returncode != 0 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not Path(out).exists()
+
+
 def losses(out):
     return [json.loads(ln)["loss"] for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -191,9 +198,7 @@ def test_unet_attn_side_flag_reaches_the_checkpoint_and_resume_keeps_it(tmp_path
 
 
 def test_unet_layers_flag_reaches_the_checkpoint(tmp_path):
-    r = run("--out", tmp_path / "bad", "--unet-layers", 0)
-    assert r.returncode != 0 and "--unet-layers" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "bad").exists()
+    refused(tmp_path / "bad", "--unet-layers", 0, says="--unet-layers")
     out = tmp_path / "l2"
     assert run("--out", out, "--unet-layers", 2, "--stop-at", 1).returncode == 0
     net, _ = M.MMInterleaved.from_checkpoint(out)
@@ -204,9 +209,7 @@ def test_unet_layers_flag_reaches_the_checkpoint(tmp_path):
 
 
 def test_noise_draws_flag_reaches_the_checkpoint_and_changes_the_run(full_run, tmp_path):
-    r = run("--out", tmp_path / "bad", "--noise-draws", 0)
-    assert r.returncode != 0 and "--noise-draws" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "bad").exists()
+    refused(tmp_path / "bad", "--noise-draws", 0, says="--noise-draws")
     out = tmp_path / "nd2"
     assert run("--out", out, "--noise-draws", 2, "--stop-at", 2).returncode == 0
     net, _ = M.MMInterleaved.from_checkpoint(out)
