@@ -154,6 +154,19 @@ def sample_timesteps(batch, schedule, generator=None, device=None):
     return t.to(device) if device is not None else t
 
 
+def stratified_timesteps(draws, batch, schedule, generator=None, device=None):
+    """(draws, batch) timesteps, draw r of each example in the r-th of `draws` equal parts of [0, T): t =
+    floor((r + u) T / draws) with u ~ U[0, 1). Over all draws t is still uniform on [0, T) (for T divisible by
+    draws), but an example's draws cover the range evenly: stratified sampling, as VDM's low-discrepancy sampler
+    spreads t across a batch (Kingma et al. 2021), so no step trains a condition at low noise alone."""
+    T = schedule.num_train_timesteps
+    dev = generator.device if generator is not None else device
+    u = torch.rand(draws, batch, generator=generator, device=dev, dtype=torch.float64)
+    r = torch.arange(draws, device=dev, dtype=torch.float64)[:, None]
+    t = ((r + u) * T / draws).floor().long().clamp(max=T - 1)                            # (draws, batch)
+    return t.to(device) if device is not None else t
+
+
 def q_sample(x0, t, noise, schedule):
     """Forward process x_t = sqrt(a) x0 + sqrt(1 - a) eps (DDPM eq. 4); t is a (B,) tensor of timesteps."""
     sqrt_a, sqrt_1ma = _coefficients(schedule, t, x0)

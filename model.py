@@ -60,6 +60,10 @@ class MMConfig:
     # noise_draws times as often while the ViT, the LLM and the decoder run once (MAR's "diffusion batch
     # multiplier", Li et al. 2024). The image loss is the mean over all draws. 1: one draw, as the authors
     noise_draws: int = 1
+    # with noise_draws R > 1: draw r of an image takes its timestep from the r-th of R equal parts of [0, T)
+    # (stratified), so every condition is trained at high and low noise in every step; False: R independent uniform
+    # draws (an experiment, off in every preset)
+    stratified_timesteps: bool = False
     # small recipe: one more condition token, the mean of the projected context states, which also joins the UNet's
     # time embedding: a direct path past the decoder Q-Former, whose from-scratch outputs barely vary with the prompt
     pooled_condition: bool = False
@@ -428,7 +432,9 @@ class MMInterleaved(nn.Module):
         for gen, k in zip(gens, counts, strict=True):
             dev = gen.device if gen is not None else x0.device
             drop.append(torch.rand(R, k, generator=gen, device=dev) < self.cfg.uncond_prob)
-            t.append(diffusion.sample_timesteps(R * k, self.cfg.schedule, gen, dev).view(R, k))
+            t.append(diffusion.stratified_timesteps(R, k, self.cfg.schedule, gen, dev)
+                     if self.cfg.stratified_timesteps else
+                     diffusion.sample_timesteps(R * k, self.cfg.schedule, gen, dev).view(R, k))
             noise.append(torch.randn((R, k, *x0.shape[1:]), generator=gen, device=dev))
             hide.append(torch.rand(R, k, generator=gen, device=dev) < p_hide if p_hide > 0 else
                         torch.zeros(R, k, dtype=torch.bool))

@@ -77,6 +77,9 @@ g.add_argument("--unet-layers", type=int, metavar="N", help="ResNet (and attenti
 g.add_argument("--noise-draws", type=int, metavar="R", help="(timestep, noise) draws per image and step, sharing the "
                "image's condition: the UNet trains R times as often, the ViT and the LLM once (MMConfig.noise_draws; "
                "the small recipe: 2)")
+g.add_argument("--stratified-timesteps", action=argparse.BooleanOptionalAction, help="with R noise draws, draw r of an "
+               "image takes its timestep from the r-th of R equal parts of [0, T) (MMConfig.stratified_timesteps; the "
+               "small recipe: off, R independent uniform draws)")
 g.add_argument("--mmfs-first-layer", type=int, metavar="N", help="the LLM's first layer with an MMFS block, the "
                "next ones at the preset's spacing (the small recipe: 0 as the paper, so layers 0 and 2; 1 gives 1, 3)")
 g.add_argument("--mmfs-points", type=int, metavar="P", help="sampling points per head and level of the LLM's MMFS "
@@ -194,7 +197,7 @@ try:
         settings = dict(PRESETS[preset_name], no_mmfs=args.no_mmfs, mmfs_hide_prob=args.mmfs_hide_prob,
                         prediction_type=args.prediction_type,
                         mmfs_max_side=args.mmfs_max_side, unet_attn_side=args.unet_attn_side,
-                        unet_layers=args.unet_layers,
+                        unet_layers=args.unet_layers, stratified_timesteps=args.stratified_timesteps,
                         mmfs_first_layer=args.mmfs_first_layer, mmfs_points=args.mmfs_points,
                         data=args.data, seed=args.seed,
                         **settings_mix,
@@ -273,6 +276,8 @@ else:
         cfg.schedule = dataclasses.replace(cfg.schedule, prediction_type=S.prediction_type)
     if getattr(S, "noise_draws", None) is not None:
         cfg = dataclasses.replace(cfg, noise_draws=S.noise_draws)
+    if getattr(S, "stratified_timesteps", None) is not None:
+        cfg = dataclasses.replace(cfg, stratified_timesteps=S.stratified_timesteps)
     cfg = dataclasses.replace(cfg, **hide)
     try:
         model = M.MMInterleaved(cfg).to(device)

@@ -179,6 +179,27 @@ def test_sample_timesteps():
     assert not torch.equal(t1, D.sample_timesteps(4096, s, torch.Generator().manual_seed(4)))
 
 
+@settings(max_examples=40, deadline=None)
+@given(draws=st.integers(1, 7), T=st.sampled_from([1, 10, 999, 1000]), seed=st.integers(0, 2**31 - 1))
+def test_stratified_timesteps_put_draw_r_in_the_rth_part(draws, T, seed):
+    """Draw r lies in [floor(r T / R), ceil((r + 1) T / R)) and in [0, T); every part is hit when T >= R."""
+    s = D.Schedule(num_train_timesteps=T)
+    t = D.stratified_timesteps(draws, 512, s, torch.Generator().manual_seed(seed))
+    assert t.shape == (draws, 512) and t.dtype == torch.int64
+    assert torch.equal(t, D.stratified_timesteps(draws, 512, s, torch.Generator().manual_seed(seed)))
+    for r in range(draws):
+        lo, hi = (r * T) // draws, -(-(r + 1) * T // draws)
+        assert (t[r] >= lo).all() and (t[r] < min(hi, T)).all(), (r, lo, hi, t[r].min(), t[r].max())
+
+
+def test_stratified_timesteps_are_uniform_over_all_draws():
+    """Pooled over the draws, t is uniform on [0, T): each of 10 bins of 100 timesteps holds 1/10 of 2 x 50000."""
+    t = D.stratified_timesteps(2, 50_000, D.Schedule(), torch.Generator().manual_seed(0))
+    counts = torch.bincount(t.flatten() // 100, minlength=10).double() / t.numel()
+    assert (counts - 0.1).abs().max() < 0.006  # 4.5 standard errors of a bin's share (sqrt(.09 / 1e5) = 0.00095)
+    assert (t[0] < 500).all() and (t[1] >= 500).all()
+
+
 # ------------------------------------------------------------------------------------------------- samplers
 
 CASES = [("ddpm", 0.0, "leading"), ("ddim", 0.0, "leading"), ("ddim", 1.0, "leading"), ("ddpm", 0.0, "trailing"),

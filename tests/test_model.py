@@ -306,6 +306,27 @@ def test_noise_draws_average_the_image_loss_over_draws_that_share_a_condition():
     assert out["n_img"] == 3  # images, not draws
 
 
+def test_stratified_timesteps_give_each_image_one_draw_per_part_of_the_range():
+    """stratified_timesteps with R = 3: draw r of every image has t in the r-th third of [0, T), from the row's own
+    generator (so DDP ranks draw what one process would); the CFG coins before it are the same as unstratified."""
+    net = tiny(noise_draws=3, stratified_timesteps=True)
+    r0 = [BOS] + image_run() + [10, 11] + image_run() + [EOS]
+    r1 = [BOS, 12] + image_run() + [13, EOS]
+    tokens, images, per_row = batch_of([r0, r1])
+    x0 = net.to_diffusion_space(images)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6)]  # noqa: E731
+    drop, t, noise, hide = net.draws(x0, per_row, gens())
+    T = net.cfg.schedule.num_train_timesteps
+    assert t.shape == (9,) and ((t.view(3, 3) * 3) // T == torch.arange(3)[:, None]).all()
+    g0 = gens()[0]
+    torch.rand(3, 2, generator=g0)  # row 0's CFG coins come first
+    assert torch.equal(t.view(3, 3)[:, :2], diffusion.stratified_timesteps(3, 2, net.cfg.schedule, g0))
+    net.cfg.stratified_timesteps = False
+    d2 = net.draws(x0, per_row, gens())
+    assert torch.equal(d2[0], drop) and not torch.equal(d2[1], t)
+    assert net(tokens, images, per_row, generator=gens())["loss"].isfinite()
+
+
 @pytest.mark.parametrize("r", [0, -1, 1.5, True])
 def test_noise_draws_must_be_a_whole_number_from_1(r):
     with pytest.raises(ValueError, match="noise_draws .* not a whole number"):

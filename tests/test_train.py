@@ -208,6 +208,18 @@ def test_noise_draws_flag_reaches_the_checkpoint_and_changes_the_run(full_run, t
     assert a["loss_txt"] == b["loss_txt"] and a["loss_img"] != b["loss_img"]
 
 
+def test_stratified_timesteps_flag_reaches_the_checkpoint_and_changes_the_run(tmp_path):
+    runs = {}
+    for flag in ("--stratified-timesteps", "--no-stratified-timesteps"):
+        runs[flag] = tmp_path / flag
+        assert run("--out", runs[flag], "--noise-draws", 2, flag, "--stop-at", 1).returncode == 0
+    on, off = (M.MMInterleaved.from_checkpoint(d)[0].cfg for d in runs.values())
+    assert on.stratified_timesteps and not off.stratified_timesteps and not M.preset("tiny").stratified_timesteps
+    # the same batches, init and CFG coins, other timesteps: the text loss is the same, the image loss is not
+    a, b = (json.loads((d / "metrics.jsonl").read_text().splitlines()[0]) for d in runs.values())
+    assert a["loss_txt"] == b["loss_txt"] and a["loss_img"] != b["loss_img"]
+
+
 def test_mmfs_first_layer_flag_reaches_the_checkpoint(tmp_path):
     for bad, says in (("-1", ">= 0"), ("2", "layers 0 to 1")):  # the tiny LLM has 2 layers
         refused(tmp_path / "bad", f"--mmfs-first-layer={bad}", says=says)
