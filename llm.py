@@ -41,7 +41,7 @@ class LLaMAConfig:
     # MMFS blocks (reference §1.6, §3.1): in layers f, f+k, f+2k, ... for mmfs_first = f, mmfs_every = k; k = 0: none
     mmfs_every: int = 4
     # the first layer with an MMFS block (then every mmfs_every-th): 0 as the paper. A later start gives each block a
-    # query that has already read the visual tokens through more self-attention (README: "Where the LLM reads")
+    # query that has already read the visual tokens through more self-attention (EXPERIMENTS.md: "Where the LLM reads")
     mmfs_first: int = 0
     image_dim: int = 1024  # channels of the image feature pyramid (MMFS values)
     mmfs_levels: tuple = (32, 16, 8)  # square map sizes of the pyramid levels MMFS reads, largest first

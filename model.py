@@ -69,23 +69,23 @@ class MMConfig:
     pooled_condition: bool = False
     # an experiment, off in every preset: each of the K visual tokens also gets a linear view of one cell of the
     # neck's token grid pooled to √K × √K, a direct image path past the visual Q-Former, which from scratch is the
-    # slowest image path to learn to read (bench/probe_visual.py; README: it fixes colour but not shape)
+    # slowest image path to learn to read (bench/probe_visual.py; EXPERIMENTS.md: it fixes colour but not shape)
     pooled_visual: bool = False
     # small recipe: an auxiliary text loss. Each LLM state also names the `back_tokens` tokens before it (one linear
     # head per offset; the mean of their cross-entropies, weighted as the text loss). With the diffusion loss alone a
     # from-scratch LLM learns only slowly to bind "a small red square at the top left" into one object; naming the
     # tokens behind it makes a word's state hold its phrase ("red" is 5 tokens before "left"), which the condition
-    # then carries (README: "What binds"). 0: off, as the authors
+    # then carries (EXPERIMENTS.md: "What binds"). 0: off, as the authors
     back_tokens: int = 0
     # small recipe: the UNet's cross-attention also reads the `direct_context` context states nearest <BoI> (as the
     # decoder reads them: projected, + their 1-D positions; then direct_proj; zero past the segment start), next to
     # the decoder Q-Former's tokens. Alone it gains little; with back_tokens it carries the bound phrases the
-    # from-scratch Q-Former does not pass on (README: "What binds"). 0: off, as the authors
+    # from-scratch Q-Former does not pass on (EXPERIMENTS.md: "What binds"). 0: off, as the authors
     direct_context: int = 0
     # an experiment, off in every preset: in training, the UNet's MMFS is told a continuation frame has no previous
     # image with this probability, so that such a frame must be drawn from the condition. With MMFS a continuation
-    # can copy its previous frame, and the text path learns mostly from first frames (README: "Text-to-image is
-    # better without MMFS")
+    # can copy its previous frame, and the text path learns mostly from first frames (EXPERIMENTS.md:
+    # "Text-to-image is better without MMFS")
     mmfs_hide_prob: float = 0.0
     freeze_pretrained: bool = True  # paper: freeze CLIP, the LLM (not its MMFS blocks) and the VAE, as the authors
     # special ids of the tokenizer (the paper's are Vicuna's); <BoI> and <image> are the last two ids, llm.vocab_size-2/-1

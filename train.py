@@ -41,11 +41,11 @@ PRESETS = {
                  ema=0.0, unet_lr_scale=1.0, prefixes=True, log_every=1, save_every=3, out="out/tiny"),
     # train.py --small: everything from scratch on ShapeStories, <= 60 min on a 2-core CPU (README)
     # 2 x 2100: batch 2 rather than 4 gave better images on two seeds; 2100 steps rather than 2400 pay for the UNet's
-    # attention at 16x16 (~1.4 s a step on the 2-core CPU) within the budget (README)
+    # attention at 16x16 (~1.4 s a step on the 2-core CPU) within the budget (EXPERIMENTS.md)
     # the mix: 60 % of the documents a story's first frame alone (a caption or text-to-image, what eval asks of a
     # scene), the rest a prefix of 2 to all frames with every event told before it is drawn (a continuation): seeds
     # 0 / 1 / 2 name 90 / 66 / 86 % of the objects right (uniform prefixes, seed 0: 58 %), and seeds 0 and 1 keep more
-    # unmoved objects than the same mix with the story's coin (README)
+    # unmoved objects than the same mix with the story's coin (EXPERIMENTS.md)
     # noise_draws 2 (session 22): each image noised twice a step with its one condition; seed 0 drew 58.6 % of the
     # named objects against 45.8 %, kept 92.4 against 85.2 % of the unmoved ones, for ~1.3x a step (README)
     "small": dict(model="small", steps=2100, batch_size=2, seq_len=512, lr=1e-3, warmup=50, vocab=400, corpus=2000,

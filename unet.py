@@ -144,7 +144,7 @@ PRESETS = {  # the MMFS pyramids are vit.PRESETS' (16/8/4/2 levels of 32 channel
                        cross_attention_dim=32, norm_num_groups=8, mmfs=True, mmfs_dim=32, mmfs_value_dim=32,
                        mmfs_levels=(16, 8, 4, 2), mmfs_heads=2, mmfs_points=2, mmfs_pos_grid=16),
     # train.py --small: pixel-space 32x32 RGB frames; attention at 16x16 and 8x8, none at 32x32. At 16x16 the text
-    # meets the previous frame's MMFS residuals, so an event finds the object it names (README, two seeds)
+    # meets the previous frame's MMFS residuals, so an event finds the object it names (EXPERIMENTS.md, two seeds)
     "small": UNetConfig(in_channels=3, out_channels=3, sample_size=32, block_out_channels=(32, 64, 64),
                         layers_per_block=1,
                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

@@ -50,7 +50,7 @@ class ViTConfig:
     # stride of the finest map c1 in SPM-input pixels: 4 as ViT-Adapter (the stem's max-pool); 2 skips that pool, so
     # c1 keeps the stem's full resolution, for small frames whose objects are a few pixels wide. c1 alone changes:
     # it never enters the interaction blocks, so the ViT costs the same, but MMFS then reads a 4x larger map
-    # (README: "Two cheaper ways": no clear gain on the small preset, so off there)
+    # (EXPERIMENTS.md: "Two cheaper ways": no clear gain on the small preset, so off there)
     c1_stride: int = 4
     interaction_indexes: tuple | None = None  # 4 runs of ViT layers; None: 4 equal runs (paper [0-5] ... [18-23])
     adapter_heads: int | None = None  # deformable-attention heads; None: num_attention_heads

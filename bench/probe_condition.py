@@ -35,13 +35,13 @@ Binding the words of an object ("a small red square at the top left") into one t
 
 `base` is the preset as it is now: MMConfig.back_tokens = 6 (each LLM state also names the 6 tokens before it)
 and direct_context = 40 (the UNet's cross-attention also reads the 40 context states nearest `<BoI>`, past the
-decoder Q-Former). The README's tables from before they were in the preset ran with `--back-tokens 0
+decoder Q-Former). EXPERIMENTS.md's tables from before they were in the preset ran with `--back-tokens 0
 --direct-context 0`; its `direct` row with `--back-tokens 0`. oracle, oracle-qformer, encoder and conv build the
 whole condition themselves, so they always run with direct_context 0.
 
 The changes are monkeypatches of model.py, so each path runs in its own process; every line of probe_decoder.py's
 output is passed through, and the last lines are the table. On a 2-core CPU a path takes ~6 minutes at 300 steps
-and 13-16 minutes at `--steps 600 --eval-every 300` (the README's binding table; 731-881 s of training).
+and 13-16 minutes at `--steps 600 --eval-every 300` (EXPERIMENTS.md's binding table; 731-881 s of training).
 """
 import argparse
 import dataclasses

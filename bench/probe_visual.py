@@ -33,7 +33,7 @@ starts, the captions what is read. With MMFS it also prints where the LLM reads 
 in, at each state that predicts an object's shape, the share of each MMFS layer's image weight on points within 4
 px of that object, beside the same share for another object (is the reading aimed, or a fixed cloud?).
 
-This is the probe behind the README's findings on the visual Q-Former and on the SPM stem ("Two cheaper ways").
+This is the probe behind EXPERIMENTS.md's findings on the visual Q-Former and on the SPM stem ("Two cheaper ways").
 Seconds per step on a 2-core CPU: 0.23 (pixels), 0.51-0.53 (qformer, qformer+pooled), 0.60-0.90 (mmfs), 0.71-0.83
 (stem32), 0.87 (c1s2), 0.85-1.03 (c1s2+stem32); the first four take about 13 minutes (without `--captions`).
 The losses are seeded and repeated exactly between two runs on this machine.
