@@ -419,7 +419,7 @@ class MMInterleaved(nn.Module):
 
     def draws(self, x0, images_per_row, generator=None):
         """The random draws of a training step, noise_draws (R) per image: CFG dropout (R·ΣI,) bool, timesteps
-        (R·ΣI,), noise (R·ΣI, C, s, s), and which draws MMFS makes without their previous image (R·ΣI,) bool (drawn
+        (R·ΣI,; with stratified_timesteps draw r in the r-th of R parts of [0, T)), noise (R·ΣI, C, s, s), and which draws MMFS makes without their previous image (R·ΣI,) bool (drawn
         last, and only when mmfs_hide_prob > 0, so the other draws do not depend on it). Draw r of image i is at
         r·ΣI + i; with R = 1 that is simply image i.
 

@@ -81,6 +81,7 @@ def build(variant, tok):
     if variant == "unet-l2":
         cfg.unet = dataclasses.replace(cfg.unet, layers_per_block=2)
     cfg.noise_draws = 1 if variant == "draws1" else SMALL.get("noise_draws", 1)
+    cfg.stratified_timesteps = SMALL.get("stratified_timesteps", False)  # which t each draw takes: no cost
     if "mmfs32" in variant:
         cfg.unet = dataclasses.replace(cfg.unet, mmfs_max_side=0)
     if "c1s2" in variant:  # c1 is 32x32; MMFS reads it in place of the 16x16 level there no longer is
