@@ -65,7 +65,8 @@ ap.add_argument("--n", type=int, default=64, help="held-out stories to draw and 
 ap.add_argument("--eval-every", type=int, default=0, help="also draw and score every N steps (a learning curve)")
 ap.add_argument("--frames", metavar="PNG", help="save the last evaluation's first 8 frames beside the true ones")
 ap.add_argument("--seed", type=int, default=0, help="seeds the init, the training stories and the draws")
-g = ap.add_argument_group("the text path (MMConfig; EXPERIMENTS.md's tables from before both were in the preset used 0 0)")
+g = ap.add_argument_group("the text path (MMConfig; EXPERIMENTS.md's tables from before both were in the preset "
+                          "used 0 0)")
 g.add_argument("--back-tokens", type=int, help="each LLM state also names the N tokens before it (preset: 6)")
 g.add_argument("--direct-context", type=int, help="N context states straight to the UNet, past the decoder (preset: 40)")
 args = ap.parse_args()

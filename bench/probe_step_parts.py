@@ -4,10 +4,11 @@
     python bench/probe_step_parts.py --steps 10
 
 bench_step.py times whole steps (forward, backward, update) of recipe variants side by side; this probe opens the
-forward of the preset's step. Forward hooks time the ViT, the LLM's decoder layers, the UNet, the UNet's MMFS residuals (all blocks
-together) and, inside them, the value path (value_norm + value_proj), which each block runs on every draw of every
-image: with two noise draws per image the same previous-frame pyramid is normalised and projected twice. The rows
-print seconds per step (mean over the timed steps) and the share of the forward; backward is timed only as a whole.
+forward of the preset's step. Forward hooks time the ViT, the LLM's decoder layers, the UNet, the UNet's MMFS
+residuals (all blocks together) and, inside them, the value path (value_norm + value_proj), which each block runs on
+every draw of every image: with two noise draws per image the same previous-frame pyramid is normalised and projected
+twice. The rows print seconds per step (mean over the timed steps) and the share of the forward; backward is timed
+only as a whole.
 Do not run it beside a training run: two 2-thread processes on 2 cores slow each other several-fold.
 """
 import argparse
