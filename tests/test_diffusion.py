@@ -182,7 +182,7 @@ def test_sample_timesteps():
 @settings(max_examples=40, deadline=None)
 @given(draws=st.integers(1, 7), T=st.sampled_from([1, 10, 999, 1000]), seed=st.integers(0, 2**31 - 1))
 def test_stratified_timesteps_put_draw_r_in_the_rth_part(draws, T, seed):
-    """Draw r lies in [floor(r T / R), ceil((r + 1) T / R)) and in [0, T); every part is hit when T >= R."""
+    """Draw r lies in [floor(r T / R), ceil((r + 1) T / R)) and in [0, T), the same for the same generator seed."""
     s = D.Schedule(num_train_timesteps=T)
     t = D.stratified_timesteps(draws, 512, s, torch.Generator().manual_seed(seed))
     assert t.shape == (draws, 512) and t.dtype == torch.int64
