@@ -62,7 +62,7 @@ class MMConfig:
     noise_draws: int = 1
     # with noise_draws R > 1: draw r of an image takes its timestep from the r-th of R equal parts of [0, T)
     # (stratified), so every condition is trained at high and low noise in every step; False: R independent uniform
-    # draws (an experiment, off in every preset)
+    # draws. The small recipe turns it on (train.py's preset table, README), the authors draw once (False)
     stratified_timesteps: bool = False
     # small recipe: one more condition token, the mean of the projected context states, which also joins the UNet's
     # time embedding: a direct path past the decoder Q-Former, whose from-scratch outputs barely vary with the prompt
@@ -419,8 +419,9 @@ class MMInterleaved(nn.Module):
 
     def draws(self, x0, images_per_row, generator=None):
         """The random draws of a training step, noise_draws (R) per image: CFG dropout (R·ΣI,) bool, timesteps
-        (R·ΣI,; with stratified_timesteps draw r in the r-th of R parts of [0, T)), noise (R·ΣI, C, s, s), and which draws MMFS makes without their previous image (R·ΣI,) bool (drawn
-        last, and only when mmfs_hide_prob > 0, so the other draws do not depend on it). Draw r of image i is at
+        (R·ΣI,; with stratified_timesteps draw r in the r-th of R parts of [0, T)), noise (R·ΣI, C, s, s), and
+        which draws MMFS makes without their previous image (R·ΣI,) bool (drawn last, and only when mmfs_hide_prob
+        > 0, so the other draws do not depend on it). Draw r of image i is at
         r·ΣI + i; with R = 1 that is simply image i.
 
         `generator` is one torch.Generator or one per row; per-row generators make a row's draws independent of
