@@ -154,16 +154,21 @@ def sample_timesteps(batch, schedule, generator=None, device=None):
     return t.to(device) if device is not None else t
 
 
-def stratified_timesteps(draws, batch, schedule, generator=None, device=None):
+def stratified_timesteps(draws, batch, schedule, generator=None, device=None, parts=None):
     """(draws, batch) timesteps, draw r of each example in the r-th of `draws` equal parts of [0, T): t =
     floor((r + u) T / draws) with u ~ U[0, 1). Over all draws t is still uniform on [0, T) (for T divisible by
     draws), but an example's draws cover the range evenly: stratified sampling, as VDM's low-discrepancy sampler
-    spreads t across a batch (Kingma et al. 2021), so no step trains a condition at low noise alone."""
+    spreads t across a batch (Kingma et al. 2021), so no step trains a condition at low noise alone.
+
+    `parts` (batch,): an example that uses only its first n <= draws draws takes them from n parts instead; its
+    later draws are T - 1 (unused). The same u, so parts = draws everywhere gives exactly the default."""
     T = schedule.num_train_timesteps
     dev = generator.device if generator is not None else device
     u = torch.rand(draws, batch, generator=generator, device=dev, dtype=torch.float64)
     r = torch.arange(draws, device=dev, dtype=torch.float64)[:, None]
-    t = ((r + u) * T / draws).floor().long().clamp(max=T - 1)                            # (draws, batch)
+    n = torch.full((batch,), float(draws), device=dev, dtype=torch.float64) if parts is None else \
+        parts.to(dev, torch.float64)
+    t = ((r + u) * T / n).floor().long().clamp(max=T - 1)                                # (draws, batch)
     return t.to(device) if device is not None else t
 
 

@@ -64,6 +64,10 @@ class MMConfig:
     # (stratified), so every condition is trained at high and low noise in every step; False: R independent uniform
     # draws. The small recipe turns it on (train.py's preset table, README), the authors draw once (False)
     stratified_timesteps: bool = False
+    # draws of a text-to-image frame (no earlier image in its segment: its drawing comes from the text alone), where
+    # noise_draws then counts those of a continuation frame; each image's loss is still the mean over its own draws,
+    # so only where the UNet's work goes changes, not the objective. 0: noise_draws for every frame (every preset)
+    noise_draws_t2i: int = 0
     # small recipe: one more condition token, the mean of the projected context states, which also joins the UNet's
     # time embedding: a direct path past the decoder Q-Former, whose from-scratch outputs barely vary with the prompt
     pooled_condition: bool = False
@@ -207,8 +211,10 @@ class MMInterleaved(nn.Module):
                              f"unet.cross_attention_dim ({c.unet.cross_attention_dim})")
         if not 0 <= c.mmfs_hide_prob <= 1:  # `not` so that NaN fails too
             raise ValueError(f"MMConfig: mmfs_hide_prob {c.mmfs_hide_prob} is not a probability in [0, 1]")
-        if isinstance(c.noise_draws, bool) or not isinstance(c.noise_draws, int) or c.noise_draws < 1:
-            raise ValueError(f"MMConfig: noise_draws {c.noise_draws!r} is not a whole number >= 1")
+        for name, low in (("noise_draws", 1), ("noise_draws_t2i", 0)):
+            r = getattr(c, name)
+            if isinstance(r, bool) or not isinstance(r, int) or r < low:
+                raise ValueError(f"MMConfig: {name} {r!r} is not a whole number >= {low}")
         if c.mmfs_hide_prob > 0 and not c.unet.mmfs:
             raise ValueError(f"MMConfig: mmfs_hide_prob {c.mmfs_hide_prob} needs the UNet's MMFS (unet.mmfs is off)")
         self.vit = parts["vit"] if "vit" in parts else vit_lib.ViTAdapter(c.vit)
@@ -417,23 +423,37 @@ class MMInterleaved(nn.Module):
         embeds, values, mask = self.llm_inputs(tokens, visual, pyramid, images_per_row)
         return self.llm.hidden(inputs_embeds=embeds, images=values, image_mask=mask), pyramid
 
-    def draws(self, x0, images_per_row, generator=None):
-        """The random draws of a training step, noise_draws (R) per image: CFG dropout (R·ΣI,) bool, timesteps
-        (R·ΣI,; with stratified_timesteps draw r in the r-th of R parts of [0, T)), noise (R·ΣI, C, s, s), and
-        which draws MMFS makes without their previous image (R·ΣI,) bool (drawn last, and only when mmfs_hide_prob
-        > 0, so the other draws do not depend on it). Draw r of image i is at
+    @property
+    def max_draws(self):
+        """R, the draws made for every image in a step: noise_draws, or noise_draws_t2i when that is larger."""
+        return max(self.cfg.noise_draws, self.cfg.noise_draws_t2i)
+
+    def image_draws(self, prev):
+        """(ΣI,) the draws each image uses, from prev (ΣI,) (its previous image, -1 for none): noise_draws_t2i for
+        a text-to-image frame when that is set, else noise_draws."""
+        c = self.cfg
+        return torch.full_like(prev, c.noise_draws).masked_fill((prev < 0) & (c.noise_draws_t2i > 0),
+                                                                 c.noise_draws_t2i)
+
+    def draws(self, x0, images_per_row, generator=None, n_draws=None):
+        """The random draws of a training step, max_draws (R) per image: CFG dropout (R·ΣI,) bool, timesteps
+        (R·ΣI,; with stratified_timesteps draw r of an image that uses n of them in the r-th of n parts of [0, T)),
+        noise (R·ΣI, C, s, s), and which draws MMFS makes without their previous image (R·ΣI,) bool (drawn last, and
+        only when mmfs_hide_prob > 0, so the other draws do not depend on it). Draw r of image i is at
         r·ΣI + i; with R = 1 that is simply image i.
 
         `generator` is one torch.Generator or one per row; per-row generators make a row's draws independent of
-        which other rows share its batch, so DDP ranks draw exactly what one process would."""
+        which other rows share its batch, so DDP ranks draw exactly what one process would. `n_draws` (ΣI,): the
+        draws each image uses (image_draws; default R each), which sets its strata."""
+        n_draws = torch.full((x0.shape[0],), self.max_draws) if n_draws is None else n_draws.cpu()
         gens = generator if isinstance(generator, (list, tuple)) else [generator]
         counts = list(map(int, images_per_row)) if len(gens) > 1 else [x0.shape[0]]
         drop, t, noise, hide = [], [], [], []
-        p_hide, R = self.cfg.mmfs_hide_prob, self.cfg.noise_draws
-        for gen, k in zip(gens, counts, strict=True):
+        p_hide, R = self.cfg.mmfs_hide_prob, self.max_draws
+        for gen, k, n in zip(gens, counts, n_draws.split(counts), strict=True):
             dev = gen.device if gen is not None else x0.device
             drop.append(torch.rand(R, k, generator=gen, device=dev) < self.cfg.uncond_prob)
-            t.append(diffusion.stratified_timesteps(R, k, self.cfg.schedule, gen, dev)
+            t.append(diffusion.stratified_timesteps(R, k, self.cfg.schedule, gen, dev, parts=n)
                      if self.cfg.stratified_timesteps else
                      diffusion.sample_timesteps(R * k, self.cfg.schedule, gen, dev).view(R, k))
             noise.append(torch.randn((R, k, *x0.shape[1:]), generator=gen, device=dev))
@@ -462,15 +482,19 @@ class MMInterleaved(nn.Module):
         if n_img:
             cond, lengths = self.image_condition(h, rows, cols, start)                     # (ΣI, Q, ctx)
             x0 = self.to_diffusion_space(images)                                           # (ΣI, C, s, s)
-            drop, t, noise, hide = self.draws(x0, images_per_row, generator)               # (R·ΣI, ...)
-            R = c.noise_draws  # each image R times over, with its one condition
+            n_draws = self.image_draws(prev)                                               # (ΣI,)
+            drop, t, noise, hide = self.draws(x0, images_per_row, generator, n_draws)      # (R·ΣI, ...)
+            R = self.max_draws  # each image R times over, with its one condition
             x0, cond, prev = x0.repeat(R, 1, 1, 1), cond.repeat(R, 1, 1), prev.repeat(R)
             cond = torch.where(drop[:, None, None], self.neg_prompt_embeds.to(cond.dtype), cond)  # learned negative
-            # §5.4: no loss for a segment-opening image (context <s><BoI> only), so the UNet skips those; the draws
-            # above were made for every image, so which images are kept never shifts another image's noise
-            counted = (lengths > 2).repeat(R)                                              # (R·ΣI,)
+            # §5.4: no loss for a segment-opening image (context <s><BoI> only), so the UNet skips those, and none
+            # for draws past an image's own count; the draws above were made for every image and all R, so which
+            # draws are kept never shifts another one's noise
+            draw = torch.arange(R, device=x0.device).repeat_interleave(n_img)             # (R·ΣI,) r of each draw
+            n_draws = n_draws.repeat(R)                                                    # (R·ΣI,)
+            counted = (lengths > 2).repeat(R) & (draw < n_draws)                           # (R·ΣI,)
             keep = counted.nonzero(as_tuple=True)[0] if counted.any() else counted.new_zeros(1).long()  # (n,)
-            x0, t, noise, cond, prev = x0[keep], t[keep], noise[keep], cond[keep], prev[keep]
+            x0, t, noise, cond, prev, n_draws = x0[keep], t[keep], noise[keep], cond[keep], prev[keep], n_draws[keep]
             feats, fmask = self.previous_features(pyramid, prev.masked_fill(hide[keep], -1))  # mmfs_hide_prob
             pred = self.unet_forward(diffusion.q_sample(x0, t, noise, c.schedule), t, cond, feats, fmask)
             target = diffusion.training_target(x0, noise, t, c.schedule)
@@ -478,15 +502,16 @@ class MMInterleaved(nn.Module):
             if c.min_snr_gamma > 0:
                 per_image = per_image * diffusion.min_snr_weight(t, c.schedule, c.min_snr_gamma).to(per_image.device)
             # none counted: the UNet still ran on one image, weighted 0, so every parameter has a gradient (DDP);
-            # a text-to-image frame (no earlier image in its segment) weighs t2i_loss_weight
-            weight = counted[keep] * torch.where(prev < 0, c.t2i_loss_weight, 1.0)            # (n,)
+            # a text-to-image frame (no earlier image in its segment) weighs t2i_loss_weight; each draw 1 / its
+            # image's draws, so that an image's loss is the mean over its draws
+            weight = counted[keep] * torch.where(prev < 0, c.t2i_loss_weight, 1.0) / n_draws  # (n,)
             mse = (per_image * weight.to(per_image.dtype)).sum()
         else:
             mse = h.sum() * 0
         tot_txt, tot_img = counts if counts is not None else (n_txt, n_img)
         loss_txt = ce / max(tot_txt, 1)
         loss_back = back / max(tot_txt, 1)  # per text target, as loss_txt, so DDP ranks add up to the global mean
-        loss_img = mse / max(tot_img * c.noise_draws, 1)  # mean over all draws, masked ones included (§5.4)
+        loss_img = mse / max(tot_img, 1)  # mean over the images of each one's mean over its draws, masked ones included
         loss = c.loss_txt_weight * (loss_txt + loss_back) + c.loss_img_weight * loss_img
         return dict(loss=loss, loss_txt=loss_txt.detach(), loss_back=loss_back.detach(), loss_img=loss_img.detach(),
                     n_txt=n_txt, n_img=n_img)

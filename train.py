@@ -80,8 +80,11 @@ g.add_argument("--unet-layers", type=int, metavar="N", help="ResNet (and attenti
 g.add_argument("--noise-draws", type=int, metavar="R", help="(timestep, noise) draws per image and step, sharing the "
                "image's condition: the UNet trains R times as often, the ViT and the LLM once (MMConfig.noise_draws; "
                "the small recipe: 2)")
+g.add_argument("--noise-draws-t2i", type=int, metavar="R", help="draws of a text-to-image frame (none before it in its "
+               "segment); --noise-draws then counts a continuation frame's (MMConfig.noise_draws_t2i; the small "
+               "recipe: 0, the same for every frame)")
 g.add_argument("--stratified-timesteps", action=argparse.BooleanOptionalAction, help="with R noise draws, draw r of an "
-               "image takes its timestep from the r-th of R equal parts of [0, T) (MMConfig.stratified_timesteps; the "
+               "image takes its timestep from the r-th of its R equal parts of [0, T) (MMConfig.stratified_timesteps; the "
                "small recipe: on; --no-stratified-timesteps: R independent uniform draws)")
 g.add_argument("--mmfs-first-layer", type=int, metavar="N", help="the LLM's first layer with an MMFS block, the "
                "next ones at the preset's spacing (the small recipe: 0 as the paper, so layers 0 and 2; 1 gives 1, 3)")
@@ -153,6 +156,8 @@ if args.unet_layers is not None and (args.paper or args.unet_layers < 1):
                                                   "at least 1 layer per block"))
 if args.noise_draws is not None and args.noise_draws < 1:
     fail(f"--noise-draws {args.noise_draws}: at least 1 draw per image")
+if args.noise_draws_t2i is not None and args.noise_draws_t2i < 0:
+    fail(f"--noise-draws-t2i {args.noise_draws_t2i}: a number of draws >= 0 (0: --noise-draws for every frame)")
 if args.mmfs_max_side is not None and (args.paper or args.no_mmfs or args.mmfs_max_side < 0):
     fail(f"--mmfs-max-side {args.mmfs_max_side}: " + ("the paper model keeps MMFS on every map" if args.paper else
          "--no-mmfs has no MMFS residuals" if args.no_mmfs else "a map side is >= 0 (0: every map)"))
@@ -205,7 +210,8 @@ try:
                         data=args.data, seed=args.seed,
                         **settings_mix,
                         parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
-        for k in ("steps", "batch_size", "lr", "ema", "save_every", "noise_draws", "stratified_timesteps"):
+        for k in ("steps", "batch_size", "lr", "ema", "save_every", "noise_draws", "noise_draws_t2i",
+                  "stratified_timesteps"):
             if getattr(args, k) is not None:
                 settings[k] = getattr(args, k)
 except (weights.WeightsError, KeyError) as e:
@@ -279,6 +285,8 @@ else:
         cfg.schedule = dataclasses.replace(cfg.schedule, prediction_type=S.prediction_type)
     if getattr(S, "noise_draws", None) is not None:
         cfg = dataclasses.replace(cfg, noise_draws=S.noise_draws)
+    if getattr(S, "noise_draws_t2i", None) is not None:
+        cfg = dataclasses.replace(cfg, noise_draws_t2i=S.noise_draws_t2i)
     if getattr(S, "stratified_timesteps", None) is not None:
         cfg = dataclasses.replace(cfg, stratified_timesteps=S.stratified_timesteps)
     cfg = dataclasses.replace(cfg, **hide)

@@ -200,6 +200,22 @@ def test_stratified_timesteps_are_uniform_over_all_draws():
     assert (t[0] < 500).all() and (t[1] >= 500).all()
 
 
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=6), st.integers(0, 2**31 - 1))
+@settings(max_examples=30, deadline=None)
+def test_stratified_timesteps_with_parts_stratify_each_example_over_its_own_draws(parts, seed):
+    """parts[i] = n: example i's first n draws lie in the n parts of [0, T) in order, its later ones are T - 1;
+    parts equal to draws everywhere is the default."""
+    s, R = D.Schedule(num_train_timesteps=1000), max(parts)
+    n = torch.tensor(parts)
+    t = D.stratified_timesteps(R, len(parts), s, torch.Generator().manual_seed(seed), parts=n)
+    for i, k in enumerate(parts):
+        for r in range(k):
+            assert (r * 1000) // k <= t[r, i] < -(-(r + 1) * 1000 // k), (k, r, t[:, i])
+        assert (t[k:, i] == 999).all()
+    full = D.stratified_timesteps(R, len(parts), s, torch.Generator().manual_seed(seed), parts=torch.full_like(n, R))
+    assert torch.equal(full, D.stratified_timesteps(R, len(parts), s, torch.Generator().manual_seed(seed)))
+
+
 # ------------------------------------------------------------------------------------------------- samplers
 
 CASES = [("ddpm", 0.0, "leading"), ("ddim", 0.0, "leading"), ("ddim", 1.0, "leading"), ("ddpm", 0.0, "trailing"),

@@ -327,6 +327,71 @@ def test_stratified_timesteps_give_each_image_one_draw_per_part_of_the_range():
     assert net(tokens, images, per_row, generator=gens())["loss"].isfinite()
 
 
+def test_noise_draws_t2i_gives_text_to_image_frames_their_own_number_of_draws():
+    """noise_draws 1, noise_draws_t2i 3: all 3 draws are made for every image (the same as noise_draws 3), a
+    continuation keeps draw 0, a text-to-image frame all 3; the image loss is the mean over images of each one's
+    mean over its own draws."""
+    net = tiny(noise_draws=1, noise_draws_t2i=3)
+    with torch.no_grad():
+        for p in [*net.unet.mmfs.parameters(), *net.pooled_proj.parameters()]:
+            p.normal_(0, 0.1)
+    r0 = [BOS] + image_run() + [10, 11] + image_run() + [EOS]  # image 0 opens its segment, image 1 continues it
+    r1 = [BOS, 12] + image_run() + [13, EOS]                     # image 2: text-to-image
+    tokens, images, per_row = batch_of([r0, r1])
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6)]  # noqa: E731
+    out = net(tokens, images, per_row, generator=gens())
+    with torch.no_grad():
+        h, pyramid = net.hidden_states(tokens, images, per_row)
+        rows, cols, start, prev = net.image_index(tokens, per_row)
+        cond, _ = net.image_condition(h, rows, cols, start)
+        x0 = net.to_diffusion_space(images)
+        drop, t, noise, hide = net.draws(x0, per_row, gens())
+        assert t.shape == (9,)
+        feats, fmask = net.previous_features(pyramid, prev)
+        err = []
+        for r in range(3):
+            sl = slice(3 * r, 3 * r + 3)
+            c = torch.where(drop[sl, None, None], net.neg_prompt_embeds, cond)
+            pred = net.unet_forward(diffusion.q_sample(x0, t[sl], noise[sl], net.cfg.schedule), t[sl], c, feats,
+                                    fmask)
+            err.append((pred - diffusion.training_target(x0, noise[sl], t[sl], net.cfg.schedule)).pow(2)
+                       .flatten(1).mean(1))
+        err = torch.stack(err)                                                           # (3 draws, 3 images)
+    assert not torch.allclose(err[:, 2], err[0, 2].expand(3))  # the t2i frame's draws differ
+    torch.testing.assert_close(out["loss_img"], (err[0, 1] + err[:, 2].mean()) / 3, rtol=1e-5, atol=0)
+    # the same draws as noise_draws 3 for every image, which averages all three draws of image 1 too
+    net.cfg.noise_draws = 3
+    assert torch.equal(net.draws(x0, per_row, gens())[1], t)
+    torch.testing.assert_close(net(tokens, images, per_row, generator=gens())["loss_img"],
+                               (err[:, 1].mean() + err[:, 2].mean()) / 3, rtol=1e-5, atol=0)
+
+
+def test_stratified_timesteps_take_each_image_s_strata_from_its_own_draws():
+    """noise_draws 1, noise_draws_t2i 3, stratified: a text-to-image frame's 3 draws fall in the thirds of [0, T),
+    a continuation's one draw in all of it, from the same uniforms as if every image used 3 parts."""
+    net = tiny(noise_draws=1, noise_draws_t2i=3, stratified_timesteps=True)
+    r0 = [BOS] + image_run() + [10, 11] + image_run() + [EOS]  # image 1 continues image 0
+    r1 = [BOS, 12] + image_run() + [13, EOS]                     # image 2: text-to-image
+    tokens, images, per_row = batch_of([r0, r1])
+    prev = net.image_index(tokens, per_row)[3]
+    n = net.image_draws(prev)
+    assert n.tolist() == [3, 1, 3]
+    x0 = net.to_diffusion_space(images)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6)]  # noqa: E731
+    t = net.draws(x0, per_row, gens(), n)[1].view(3, 3)                                 # (draws, images)
+    T = net.cfg.schedule.num_train_timesteps
+    assert ((t[:, [0, 2]] * 3) // T == torch.arange(3)[:, None]).all()
+    t3 = net.draws(x0, per_row, gens())[1].view(3, 3)  # every image in thirds: the same u
+    assert torch.equal(t[:, [0, 2]], t3[:, [0, 2]])
+    assert t3[0, 1] < T / 3 and t3[0, 1] * 3 <= t[0, 1] <= t3[0, 1] * 3 + 2  # floor(u T) against floor(u T / 3)
+    assert net(tokens, images, per_row, generator=gens())["loss"].isfinite()
+
+
+def test_noise_draws_t2i_is_checked():
+    with pytest.raises(ValueError, match="noise_draws_t2i -1 is not a whole number >= 0"):
+        M.MMInterleaved(M.preset("tiny", noise_draws_t2i=-1))
+
+
 @pytest.mark.parametrize("r", [0, -1, 1.5, True])
 def test_noise_draws_must_be_a_whole_number_from_1(r):
     with pytest.raises(ValueError, match="noise_draws .* not a whole number"):

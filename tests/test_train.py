@@ -220,6 +220,14 @@ def test_stratified_timesteps_flag_reaches_the_checkpoint_and_changes_the_run(tm
     assert a["loss_txt"] == b["loss_txt"] and a["loss_img"] != b["loss_img"]
 
 
+def test_noise_draws_t2i_flag_reaches_the_checkpoint(tmp_path):
+    refused(tmp_path / "bad", "--noise-draws-t2i", -1, says="--noise-draws-t2i")
+    out = tmp_path / "t2i3"
+    assert run("--out", out, "--noise-draws-t2i", 3, "--stop-at", 1).returncode == 0
+    cfg = M.MMInterleaved.from_checkpoint(out)[0].cfg
+    assert (cfg.noise_draws, cfg.noise_draws_t2i) == (M.preset("tiny").noise_draws, 3)
+
+
 def test_mmfs_first_layer_flag_reaches_the_checkpoint(tmp_path):
     for bad, says in (("-1", ">= 0"), ("2", "layers 0 to 1")):  # the tiny LLM has 2 layers
         refused(tmp_path / "bad", f"--mmfs-first-layer={bad}", says=says)
