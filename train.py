@@ -84,8 +84,9 @@ g.add_argument("--noise-draws-t2i", type=int, metavar="R", help="draws of a text
                "segment); --noise-draws then counts a continuation frame's (MMConfig.noise_draws_t2i; the small "
                "recipe: 0, the same for every frame)")
 g.add_argument("--stratified-timesteps", action=argparse.BooleanOptionalAction, help="with R noise draws, draw r of an "
-               "image takes its timestep from the r-th of its R equal parts of [0, T) (MMConfig.stratified_timesteps; the "
-               "small recipe: on; --no-stratified-timesteps: R independent uniform draws)")
+               "image takes its timestep from the r-th of its R equal parts of [0, T) "
+               "(MMConfig.stratified_timesteps; the small recipe: on; --no-stratified-timesteps: R independent uniform "
+               "draws)")
 g.add_argument("--mmfs-first-layer", type=int, metavar="N", help="the LLM's first layer with an MMFS block, the "
                "next ones at the preset's spacing (the small recipe: 0 as the paper, so layers 0 and 2; 1 gives 1, 3)")
 g.add_argument("--mmfs-points", type=int, metavar="P", help="sampling points per head and level of the LLM's MMFS "

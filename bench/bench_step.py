@@ -53,8 +53,8 @@ from bench.recipe import train_preset  # noqa: E402
 
 SMALL = train_preset("small")  # train.py's recipe, read from its source once
 
-VARIANTS = ("preset", "bf16", "mmfs32", "c1s2+mmfs32", "attn8", "attn16up", "llm-every1", "llm-p8", "llm-p16", "unet-wide",
-            "unet-l2", "draws1", "t2i3")
+VARIANTS = ("preset", "bf16", "mmfs32", "c1s2+mmfs32", "attn8", "attn16up", "llm-every1", "llm-p8", "llm-p16",
+            "unet-wide", "unet-l2", "draws1", "t2i3")
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time")
