@@ -166,8 +166,7 @@ def stratified_timesteps(draws, batch, schedule, generator=None, device=None, pa
     dev = generator.device if generator is not None else device
     u = torch.rand(draws, batch, generator=generator, device=dev, dtype=torch.float64)
     r = torch.arange(draws, device=dev, dtype=torch.float64)[:, None]
-    n = torch.full((batch,), float(draws), device=dev, dtype=torch.float64) if parts is None else \
-        parts.to(dev, torch.float64)
+    n = draws if parts is None else parts.to(dev, torch.float64)                        # each example's parts
     t = ((r + u) * T / n).floor().long().clamp(max=T - 1)                                # (draws, batch)
     return t.to(device) if device is not None else t
 

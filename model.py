@@ -445,7 +445,7 @@ class MMInterleaved(nn.Module):
         `generator` is one torch.Generator or one per row; per-row generators make a row's draws independent of
         which other rows share its batch, so DDP ranks draw exactly what one process would. `n_draws` (ΣI,): the
         draws each image uses (image_draws; default R each), which sets its strata."""
-        n_draws = torch.full((x0.shape[0],), self.max_draws) if n_draws is None else n_draws.cpu()
+        n_draws = torch.full((x0.shape[0],), self.max_draws) if n_draws is None else n_draws
         gens = generator if isinstance(generator, (list, tuple)) else [generator]
         counts = list(map(int, images_per_row)) if len(gens) > 1 else [x0.shape[0]]
         drop, t, noise, hide = [], [], [], []

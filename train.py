@@ -284,12 +284,9 @@ else:
         cfg.unet = unet.with_attention(cfg.unet, *S.unet_attn_side)
     if getattr(S, "prediction_type", None):
         cfg.schedule = dataclasses.replace(cfg.schedule, prediction_type=S.prediction_type)
-    if getattr(S, "noise_draws", None) is not None:
-        cfg = dataclasses.replace(cfg, noise_draws=S.noise_draws)
-    if getattr(S, "noise_draws_t2i", None) is not None:
-        cfg = dataclasses.replace(cfg, noise_draws_t2i=S.noise_draws_t2i)
-    if getattr(S, "stratified_timesteps", None) is not None:
-        cfg = dataclasses.replace(cfg, stratified_timesteps=S.stratified_timesteps)
+    for k in ("noise_draws", "noise_draws_t2i", "stratified_timesteps"):  # MMConfig fields of the same name
+        if getattr(S, k, None) is not None:  # absent from the settings of runs older than the field
+            cfg = dataclasses.replace(cfg, **{k: getattr(S, k)})
     cfg = dataclasses.replace(cfg, **hide)
     try:
         model = M.MMInterleaved(cfg).to(device)
