@@ -2,6 +2,7 @@
 
     python eval.py --checkpoint out/small                        # 64 eval stories, table + out/small/eval.json
     python eval.py --checkpoint out/small --compare out/no-mmfs  # the --no-mmfs run in a second column
+    python eval.py --checkpoint out/a --compare out/b out/c      # three columns, then a - b and a - c
 
 Read top-down: the three tasks, each split into generation (needs the model) and scoring (pure: the deterministic
 detector and parser of data.py read the outputs back), then `evaluate`, the table / JSON / image writers, `main`.
@@ -19,11 +20,13 @@ detector and parser of data.py read the outputs back), then `evaluate`, the tabl
 Every story i < --n of the eval split is used, so two checkpoints see the same prompts and, since the diffusion
 noise comes from one CPU generator seeded per task from --seed, the same noise (per batch: --batch-size matters).
 Each fraction is printed ± its standard error over the eval stories (the story is the unit of sampling; the delta
-method), and with --compare a last column gives the paired difference, first minus second, ± its standard error.
+method), and with --compare one more column per compared checkpoint gives the paired difference, the first minus
+it, ± its standard error.
 Neither error knows how much another training seed would move a run: that takes a second run.
-The JSON holds the settings and per checkpoint its metrics and their std_errors (with --compare, the difference):
-fractions in [0, 1], errors in px, null where no story had such an object or event, or where a median error is
-infinite (over half of those objects missing: see *_found; *_found_px is the median over the found ones alone).
+The JSON holds the settings and per checkpoint its metrics and their std_errors (with one --compare DIR, the
+difference; with several, the differences, one per DIR): fractions in [0, 1], errors in px, null where no story had
+such an object or event, or where a median error is infinite (over half of those objects missing: see *_found;
+*_found_px is the median over the found ones alone).
 """
 import argparse
 import json
@@ -326,21 +329,39 @@ def cell(v, se, pct):
 
 
 def table(results):
-    """Metrics as rows, one column per checkpoint (value ± standard error over the eval stories); with two
-    checkpoints a last column holds the paired difference, first minus second, ± its standard error."""
+    """Metrics as rows, one column per checkpoint (value ± standard error over the eval stories); with two or more
+    checkpoints, one more column per later checkpoint holds the paired difference, first minus it, ± its standard
+    error."""
     names = [r["checkpoint"] for r in results]
     ses = [std_errors(r["metrics"]) for r in results]
-    diff = differences(results[0]["metrics"], results[1]["metrics"]) if len(results) == 2 else None
-    w0, w = max(len(label) for _, label, _ in ROWS), max(15, *map(len, names))
-    head = names + (["first - second"] if diff is not None else [])
+    diffs = [differences(results[0]["metrics"], r["metrics"]) for r in results[1:]]
+    nth = ("second", "third", "fourth", "fifth", "sixth")
+    head = names + [f"first - {nth[i] if i < len(nth) else f'#{i + 2}'}" for i in range(len(diffs))]
+    w0, w = max(len(label) for _, label, _ in ROWS), max(15, *map(len, head))
     lines = [f"{'':<{w0}}  " + "  ".join(f"{n:>{w}}" for n in head)]
     for key, label, pct in ROWS:
         cells = [cell(r["metrics"][key], se.get(key), pct) for r, se in zip(results, ses)]
-        if diff is not None:
+        for diff in diffs:
             d, se = diff.get(key, (None, None))
             cells.append("" if d is None else f"{100 * d:+.1f} ± {100 * se:.1f}" if pct else f"{d:+.2f} ± {se:.2f}")
         lines.append(f"{label:<{w0}}  " + "  ".join(f"{c:>{w}}" for c in cells))
     return "\n".join(lines)
+
+
+def report(settings, results):
+    """The JSON report: the settings, each checkpoint's metrics and their standard errors, and the paired
+    differences of the first checkpoint against each later one."""
+    out = {"settings": settings,
+           "results": [{"checkpoint": r["checkpoint"], "metrics": finite(r["metrics"]),
+                        "std_errors": finite(std_errors(r["metrics"]))} for r in results]}
+    # first minus each later checkpoint on the same stories, and the standard error of that difference
+    paired = [{k: finite(dict(value=d, std_error=se)) for k, (d, se) in
+               differences(results[0]["metrics"], r["metrics"]).items()} for r in results[1:]]
+    if len(paired) == 1:
+        out["difference"] = paired[0]
+    elif paired:
+        out["differences"] = [{"checkpoint": r["checkpoint"], "difference": p} for r, p in zip(results[1:], paired)]
+    return out
 
 
 def save_grid(path, rows, zoom=4):
@@ -381,7 +402,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate MM-Interleaved checkpoints on held-out ShapeStories.")
     g = ap.add_argument_group("checkpoints")
     g.add_argument("--checkpoint", default="out/small", metavar="DIR", help="checkpoint directory (train.py --out)")
-    g.add_argument("--compare", metavar="DIR", help="a second checkpoint (e.g. the --no-mmfs run), side by side")
+    g.add_argument("--compare", nargs="+", default=[], metavar="DIR",
+                   help="more checkpoints (e.g. the --no-mmfs run), side by side, each paired with the first")
     g = ap.add_argument_group("data")
     g.add_argument("--n", type=int, default=64, help="number of eval stories (stories 0..n-1)")
     g.add_argument("--seed", type=int, default=0, help="eval split seed; also seeds the diffusion noise")
@@ -402,7 +424,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    dirs = [args.checkpoint] + ([args.compare] if args.compare else [])
+    dirs = [args.checkpoint] + args.compare
     for d in dirs:  # fail before any work, not after the first checkpoint's evaluation
         if not Path(d).is_dir():
             raise weights.WeightsError(f"{d}: checkpoint directory not found")
@@ -420,14 +442,8 @@ def main(argv=None):
         del model  # one model in memory at a time
     print(table(results))
     settings = {k: getattr(args, k) for k in ("n", "seed", "steps", "guidance", "sampler", "batch_size")}
-    report = {"settings": settings,
-              "results": [{"checkpoint": r["checkpoint"], "metrics": finite(r["metrics"]),
-                           "std_errors": finite(std_errors(r["metrics"]))} for r in results]}
-    if len(results) == 2:  # first minus second on the same stories, and the standard error of that difference
-        report["difference"] = {k: finite(dict(value=d, std_error=se)) for k, (d, se) in
-                                differences(results[0]["metrics"], results[1]["metrics"]).items()}
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
-    weights.atomic_write_text(out, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    weights.atomic_write_text(out, json.dumps(report(settings, results), indent=2, allow_nan=False) + "\n")
     log(f"wrote {out}")
     if args.save_images:
         save_images(args.save_images, stories, results)

@@ -262,3 +262,30 @@ def test_bad_checkpoints_raise_before_work(tiny_checkpoint, tmp_path):
         ev.main(["--checkpoint", str(tiny_checkpoint), "--compare", str(tmp_path / "nope")])
     with pytest.raises(ValueError, match="model.safetensors"):
         ev.main(["--checkpoint", str(tmp_path)])  # a directory, but no checkpoint in it
+
+
+def test_three_checkpoints_give_two_paired_columns():
+    """--compare B C: the table has A, B, C, then A - B and A - C, each the paired difference ± its error over the
+    stories; the JSON lists both differences under the compared checkpoints' names."""
+    rng = np.random.default_rng(2)
+    flags = {name: rng.random((3, 50)) < p for name, p in (("a", 0.7), ("b", 0.5), ("c", 0.2))}  # (row kind, story)
+
+    def metrics(name):
+        m = {key: ev.rate(flags[name][i % 3]) if pct else float(i) for i, (key, _, pct) in enumerate(ev.ROWS)}
+        return m
+    results = [{"checkpoint": name, "metrics": metrics(name)} for name in "abc"]
+    header, *rows = ev.table(results).splitlines()
+    assert header.split() == ["a", "b", "c", "first", "-", "second", "first", "-", "third"]
+    key, label, _ = next(r for r in ev.ROWS if r[2])
+    row = next(r for r in rows if r.startswith(label))
+    cells = re.split(r"\s{2,}", row.strip())[1:]
+    assert len(cells) == 5
+    for col, other in ((3, "b"), (4, "c")):
+        d, se = ev.differences(results[0]["metrics"], results["abc".index(other)]["metrics"])[key]
+        assert cells[col] == f"{100 * d:+.1f} ± {100 * se:.1f}" and d > 0.1, (cells[col], d)
+    rep = ev.report({"n": 50}, results)
+    assert "difference" not in rep and [d["checkpoint"] for d in rep["differences"]] == ["b", "c"]
+    got = rep["differences"][1]["difference"][key]
+    assert got["value"] == pytest.approx(float(results[0]["metrics"][key]) - float(results[2]["metrics"][key]))
+    assert json.loads(json.dumps(rep, allow_nan=False)) == rep
+    assert "differences" not in ev.report({}, results[:2]) and "difference" in ev.report({}, results[:2])
