@@ -75,7 +75,7 @@ def test_resume_after_interruption_repeats_the_run(full_run, tmp_path):
 
 
 def test_resume_with_ema_repeats_the_average(tmp_path):
-    # the tiny preset keeps no average; --small does (0.995): its EMA must come back from model.safetensors exactly
+    # the tiny preset keeps no average; --small does (0.99): its EMA must come back from model.safetensors exactly
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     r = run("--out", whole, "--ema", 0.5)
     assert r.returncode == 0, r.stderr
