@@ -113,6 +113,8 @@ g.add_argument("--lr", type=float, help="peak learning rate (warm-up, then cosin
 g.add_argument("--seed", type=int, default=0, help="seeds the init, the data and every random draw")
 g.add_argument("--ema", type=float, metavar="D", help="decay of the weights' moving average that model.safetensors "
                "holds and sampling uses (0: the raw weights; 0.99 in --small)")
+g.add_argument("--ema-also", type=float, nargs="+", metavar="D", help="more decays whose averages are kept beside "
+               "--ema's, each written as a checkpoint to DIR/ema-D/, so that one run compares them (eval.py --compare)")
 g = ap.add_argument_group("output")
 g.add_argument("--out", metavar="DIR", help="checkpoint directory (default out/<preset>)")
 g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -192,6 +194,9 @@ if args.events_text_first is not None:
     settings_mix["events_text_first"] = args.events_text_first
 if args.ema is not None and not 0 <= args.ema < 1:
     fail(f"--ema {args.ema}: a decay in [0, 1) (0: no average, the raw weights)")
+for d in args.ema_also or []:
+    if not 0 < d < 1:
+        fail(f"--ema-also {d}: a decay in (0, 1)")
 if args.paper and args.prediction_type:
     fail("--prediction-type is for the recipes trained from scratch; the paper UNet keeps its scheduler's")
 if args.paper and args.no_mmfs:
@@ -211,7 +216,7 @@ try:
                         mmfs_max_side=args.mmfs_max_side, unet_attn_side=args.unet_attn_side,
                         unet_layers=args.unet_layers,
                         mmfs_first_layer=args.mmfs_first_layer, mmfs_points=args.mmfs_points,
-                        data=args.data, seed=args.seed,
+                        data=args.data, seed=args.seed, ema_also=sorted(set(args.ema_also or [])),
                         **settings_mix,
                         parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
         for k in ("steps", "batch_size", "lr", "ema", "save_every", "noise_draws", "noise_draws_t2i",
@@ -341,6 +346,8 @@ def lr_factor(step):
 # EMA of the trainable weights (what sampling uses); frozen tensors and buffers are copied as they are
 ema = {k: v.detach().clone() for k, v in raw.state_dict().items()} if S.ema > 0 else None
 trainable = {n for n, p in raw.named_parameters() if p.requires_grad}
+# --ema-also: more averages of the same weights, each saved as its own checkpoint directory (DIR/ema-D)
+extra = {d: {k: v.detach().clone() for k, v in raw.state_dict().items()} for d in getattr(S, "ema_also", [])}
 
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints: every file written atomically; state.json last, so a crash mid-save leaves the previous step
@@ -355,6 +362,8 @@ def save(step):
     torch.save({"step": step, "optimizer": opt.state_dict()}, tmp)
     os.replace(tmp, out / "train" / "optimizer.pt")
     raw.save_pretrained(out, tok_path, state=ema)
+    for d, avg in extra.items():
+        raw.save_pretrained(out / f"ema-{d}", tok_path, state=avg)
     weights.atomic_write_text(state_file, json.dumps({"step": step, "settings": settings}, indent=1))
 
 
@@ -374,6 +383,9 @@ if args.resume:
         if ema is not None:
             ema = {k: ema_state[k].to(device) for k in ema}  # read before the model was built
             del ema_state
+        for d in extra:
+            avg, _ = weights.load_state(out / f"ema-{d}" / "model.safetensors")
+            extra[d] = {k: avg[k].to(device) for k in extra[d]}
     except (ValueError, KeyError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
         fail(f"cannot resume from {out}: {str(e).splitlines()[0]}")
     if start >= S.steps:
@@ -435,13 +447,13 @@ for step in range(start, stop):
     grad_norm = float(nn.utils.clip_grad_norm_(raw.parameters(), 1.0))
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if ema is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        for avg, decay in ([(ema, S.ema)] if ema is not None else []) + [(a, d) for d, a in extra.items()]:
             for k, v in raw.state_dict().items():
                 if k in trainable:
-                    ema[k].lerp_(v, 1 - S.ema)
+                    avg[k].lerp_(v, 1 - decay)
                 else:
-                    ema[k].copy_(v)
+                    avg[k].copy_(v)
     done = step + 1
     if master and (done % S.log_every == 0 or done == stop):
         elapsed = time.time() - t0

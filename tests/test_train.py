@@ -76,22 +76,31 @@ def test_resume_after_interruption_repeats_the_run(full_run, tmp_path):
 
 def test_resume_with_ema_repeats_the_average(tmp_path):
     # the tiny preset keeps no average; --small does (0.99): its EMA must come back from model.safetensors exactly
+    # --ema-also keeps more averages (here one with --ema's decay, one with another), each its own checkpoint
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    r = run("--out", whole, "--ema", 0.5)
+    r = run("--out", whole, "--ema", 0.5, "--ema-also", 0.9, 0.5)
     assert r.returncode == 0, r.stderr
-    assert run("--out", cut, "--ema", 0.5, "--stop-at", 3).returncode == 0
-    r = run("--out", cut, "--resume")  # the decay comes back from the run's state, not from the command line
+    assert run("--out", cut, "--ema", 0.5, "--ema-also", 0.5, 0.9, "--stop-at", 3).returncode == 0
+    r = run("--out", cut, "--resume")  # the decays come back from the run's state, not from the command line
     assert r.returncode == 0, r.stderr
     assert losses(cut) == losses(whole)
     ema_whole, _ = weights.load_state(whole / "model.safetensors")
-    ema_cut, _ = weights.load_state(cut / "model.safetensors")
-    assert ema_whole.keys() == ema_cut.keys()
-    assert [k for k in ema_whole if not torch.equal(ema_whole[k], ema_cut[k])] == []
+    for path in ("model.safetensors", "ema-0.5/model.safetensors", "ema-0.9/model.safetensors"):
+        a, _ = weights.load_state(whole / path)
+        b, _ = weights.load_state(cut / path)
+        assert a.keys() == b.keys() == ema_whole.keys()
+        assert [k for k in a if not torch.equal(a[k], b[k])] == [], path
+    same, _ = weights.load_state(whole / "ema-0.5/model.safetensors")  # the same decay as --ema: the same average
+    assert [k for k in same if not torch.equal(same[k], ema_whole[k])] == []
+    other, _ = weights.load_state(whole / "ema-0.9/model.safetensors")
+    assert any(not torch.equal(other[k], ema_whole[k]) for k in other if other[k].is_floating_point())
+    assert (whole / "ema-0.9" / "tokenizer.model").read_bytes() == (whole / "tokenizer.model").read_bytes()
     # and it is an average: the trained weights differ from the raw ones the optimiser left
     raw, _ = weights.load_state(whole / "train/raw.safetensors")
     moved = [k for k in raw if raw[k].is_floating_point() and not torch.equal(raw[k], ema_whole[k])]
     assert len(moved) > len(raw) // 2
     refused(tmp_path / "bad", "--ema", 1, says="--ema")
+    refused(tmp_path / "bad", "--ema-also", 0, says="--ema-also 0.0")
 
 
 def test_existing_run_is_not_overwritten(full_run):
