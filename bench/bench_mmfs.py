@@ -29,6 +29,9 @@ from mmfs import msda_reference  # noqa: E402
 SHAPES = {  # B batch, Q queries, M heads, D channels per head, P points; maps: one (H, W) per image-level
     "tiny": dict(B=1, Q=16, M=2, D=8, P=4, maps=[(4, 4), (2, 2)]),
     "llm": dict(B=1, Q=512, M=16, D=64, P=8, maps=[(32, 32), (16, 16), (8, 8)] * 4),  # 4 images × 3 levels
+    # a --small UNet MMFS residual on its 16x16 map: 32 images (16 frames x 2 noise draws), each reading its previous
+    # frame's 16/8/4/2 pyramid
+    "small-unet": dict(B=32, Q=256, M=4, D=16, P=4, maps=[(16, 16), (8, 8), (4, 4), (2, 2)]),
 }
 IMPLS = {"reference": msda_reference, "fused": msda_fused}
 MODES = ("fwd", "fwd+bwd")
@@ -91,6 +94,39 @@ def cuda_peak_extra_bytes(impl, args, mode):
     result_bytes = step(impl, args, mode)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before, result_bytes
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def peak_extra_bytes(shape, impl, mode):
+    """In this (fresh) process: resident high-water mark of one call above the resident size just before it,
+    and the bytes of its results (output, upstream gradient, gradients), which any implementation must hold."""
+    step(impl, make_inputs("tiny"), mode)  # load kernels and torch's lazy state first
+    args = make_inputs(shape)
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM to the current resident size
+        f.write("5")
+    before = _status_kb("VmRSS")
+    result_bytes = step(impl, args, mode)
+    return (_status_kb("VmHWM") - before) * 1024, result_bytes
+
+
+def measure_in_subprocess(*argv, env=None):
+    """Run this script with `argv` in a fresh process; -> the JSON it prints last."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def first_call_seconds():
+    """Wall time of the first fused forward + backward of this process (compile or cache load included)."""
+    args = make_inputs("tiny")
+    t = time.perf_counter()
+    step("fused", args, "fwd+bwd")
+    first = time.perf_counter() - t
+    return first - median_seconds("fused", args, "fwd+bwd", 5)
 
 
 def main():
