@@ -418,6 +418,7 @@ if master:
           f"({n_train / 1e6:.2f}M trained) on {device}{f' x {world} ranks' if ddp else ''}, steps {start}..{S.steps}, "
           f"batch {S.batch_size} x {S.seq_len} tokens -> {out}", file=sys.stderr)
 metrics = open(out / "metrics.jsonl", "a") if master else None
+averages = ([(ema, S.ema)] if ema is not None else []) + [(avg, d) for d, avg in extra.items()]  # (weights, decay)
 t0, last = time.time(), start
 stop = min(S.steps, args.stop_at) if args.stop_at is not None else S.steps
 for step in range(start, stop):
@@ -448,8 +449,9 @@ for step in range(start, stop):
     opt.step()
     opt.zero_grad(set_to_none=True)
     with torch.no_grad():
-        for avg, decay in ([(ema, S.ema)] if ema is not None else []) + [(a, d) for d, a in extra.items()]:
-            for k, v in raw.state_dict().items():
+        state = raw.state_dict()
+        for avg, decay in averages:
+            for k, v in state.items():
                 if k in trainable:
                     avg[k].lerp_(v, 1 - decay)
                 else:

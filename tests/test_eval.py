@@ -271,8 +271,7 @@ def test_three_checkpoints_give_two_paired_columns():
     flags = {name: rng.random((3, 50)) < p for name, p in (("a", 0.7), ("b", 0.5), ("c", 0.2))}  # (row kind, story)
 
     def metrics(name):
-        m = {key: ev.rate(flags[name][i % 3]) if pct else float(i) for i, (key, _, pct) in enumerate(ev.ROWS)}
-        return m
+        return {key: ev.rate(flags[name][i % 3]) if pct else float(i) for i, (key, _, pct) in enumerate(ev.ROWS)}
     results = [{"checkpoint": name, "metrics": metrics(name)} for name in "abc"]
     header, *rows = ev.table(results).splitlines()
     assert header.split() == ["a", "b", "c", "first", "-", "second", "first", "-", "third"]
