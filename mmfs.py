@@ -202,6 +202,16 @@ class MMFS(nn.Module):
             return self.output_proj(query.new_zeros(B, Lq, self.dv))
         # A 2-D mask is the same for every query: keep its query axis at 1 and let it broadcast below.
         mask = mask.bool()
+        sees = mask.flatten(1).any(1)                                                     # (B,)
+        if 0 < int(sees.sum()) < B:
+            # A row that sees no image (a UNet frame that opens its story) gets what the sink returns for every
+            # query, output_proj(ignore_token): only the other rows are sampled, and the result is the same. When
+            # no row sees one, all are computed, so every parameter stays in the graph (as DDP expects).
+            rows = sees.nonzero()[:, 0]                                                   # (B',)
+            ref = reference_points[rows] if reference_points.shape[0] == B else reference_points
+            part = self(query[rows], ref, value[rows], mask[rows], value_projected)       # (B', Lq, d_out)
+            sink = self.output_proj(self.ignore_token.view(1, 1, self.dv).to(part.dtype))  # (1, 1, d_out)
+            return sink.expand(B, Lq, -1).index_copy(0, rows, part)                      # (B, Lq, d_out)
         v = (value if value_projected else self.value_proj(value)).reshape(B, n * S, M, D)  # (B, n·S, M, D)
         loc, w, w_sink = self.sampling(query, reference_points, mask)                     # (B, Lq, M, n·L, P, 2), ...
 

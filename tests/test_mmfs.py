@@ -136,6 +136,45 @@ def test_all_masked_gives_output_bias():
     assert torch.equal(out0, m.output_proj.bias.expand_as(out0))
 
 
+@pytest.mark.parametrize("two_d", [False, True])
+def test_rows_that_see_no_image_are_left_out_of_sampling(two_d):
+    """Rows 1 and 3 of four see no image (a UNet frame opening its story): the module samples only rows 0 and 2 and
+    gives the others output_proj(ignore_token). Output and every gradient must equal two separate calls: one on the
+    seeing rows alone and one on the blind rows alone (which computes them in full: no row there sees anything)."""
+    m = make()
+    query, ref, value, mask = inputs(m, B=4, n=3)
+    mask = mask[:, 0] if two_d else mask
+    mask[1] = False
+    mask[3] = False
+    mask[0, ..., 0] = True  # rows 0 and 2 see at least one image
+    mask[2, ..., 2] = True
+    grad_out = torch.randn(4, query.shape[1], 7, generator=torch.Generator().manual_seed(3))
+
+    def run(rows):
+        m.zero_grad()
+        leaves = [t[rows].clone().requires_grad_() for t in (query, ref, value)]
+        out = m(leaves[0], leaves[1], leaves[2], mask[rows])
+        out.backward(grad_out[rows])
+        return out.detach(), [t.grad for t in leaves], {k: p.grad.clone() for k, p in m.named_parameters()}
+
+    sampled = []  # batch sizes that reach the sampling
+    sampling = m.sampling
+    m.sampling = lambda q, *rest: sampled.append(q.shape[0]) or sampling(q, *rest)
+    out, grads, params = run([0, 1, 2, 3])
+    assert sampled == [2]
+    out_a, grads_a, params_a = run([0, 2])
+    out_b, grads_b, params_b = run([1, 3])
+    torch.testing.assert_close(out[[0, 2]], out_a, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[[1, 3]], out_b, rtol=0, atol=0)
+    assert torch.equal(out[1], m.output_proj.bias.expand_as(out[1]))
+    for g, ga, gb in zip(grads, grads_a, grads_b):
+        torch.testing.assert_close(g[[0, 2]], ga, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g[[1, 3]], gb, rtol=0, atol=0)
+    for k in params:
+        torch.testing.assert_close(params[k], params_a[k] + params_b[k], rtol=1e-12, atol=1e-12, msg=k)
+    assert params["sampling_offsets.weight"].abs().max() > 0  # the seeing rows train the sampling
+
+
 def test_relative_index():
     m = make()
     mask = torch.tensor([[[1, 1, 1, 0, 0], [1, 0, 1, 1, 0], [0, 0, 0, 0, 0]]], dtype=torch.bool)
