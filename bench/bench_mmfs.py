@@ -2,7 +2,8 @@
 
     python bench/bench_mmfs.py [--repeats 5] [--device cuda]
 
-Prints median wall times side by side, speed-ups, the peak extra memory of each (resident-set high-water mark above
+Prints median wall times side by side, speed-ups, the fused kernel's time when it must read the samples of masked
+images too (their weights raised from 0 to 1e-30, so it cannot skip them: what skipping saves), the peak extra memory of each (resident-set high-water mark above
 the level just before the call, each measured in a fresh process), the part of it beyond the results every
 implementation must hold ("workspace": output, upstream gradient, the three gradients), and the fused kernel's
 compile time in a process with an empty numba cache and in a second process that finds the cache. float32, torch's
@@ -26,14 +27,29 @@ sys.path.insert(0, ROOT)
 from kernels.msda import msda_fused  # noqa: E402
 from mmfs import msda_reference  # noqa: E402
 
-SHAPES = {  # B batch, Q queries, M heads, D channels per head, P points; maps: one (H, W) per image-level
+MASKED_LLM = 0.9  # the fraction of zero-weight samples in the LLM's MSDA calls of train.py --small (see the README)
+SHAPES = {  # B batch, Q queries, M heads, D channels per head, P points; maps: one (H, W) per image-level;
+    # masked: that fraction of (query, image) pairs gets weight exactly 0, as MMFS gives a query the images it must not
+    # see; images: the number of image slots, each of len(maps) / images levels
     "tiny": dict(B=1, Q=16, M=2, D=8, P=4, maps=[(4, 4), (2, 2)]),
     "llm": dict(B=1, Q=512, M=16, D=64, P=8, maps=[(32, 32), (16, 16), (8, 8)] * 4),  # 4 images × 3 levels
     # a --small UNet MMFS residual on its 16x16 map: 32 images (16 frames x 2 noise draws), each reading its previous
-    # frame's 16/8/4/2 pyramid
+    # frame's 16/8/4/2 pyramid (MMFS leaves frames with no previous one out of the call)
     "small-unet": dict(B=32, Q=256, M=4, D=16, P=4, maps=[(16, 16), (8, 8), (4, 4), (2, 2)]),
+    # a --small LLM MMFS layer: two rows of 512 tokens, 15 image slots of 16/8/4 levels each; a query sees only the
+    # images before it in its own story, so most (query, slot) pairs are masked
+    "small-llm": dict(B=2, Q=512, M=4, D=32, P=4, maps=[(16, 16), (8, 8), (4, 4)] * 15,
+                      masked=MASKED_LLM, images=15),
 }
-IMPLS = {"reference": msda_reference, "fused": msda_fused}
+
+
+def fused_reading_all(value, maps, starts, loc, attn):
+    """The fused kernel made to read every sample: a weight of 0 (which it skips) becomes 1e-30 (which it reads)."""
+    return msda_fused(value, maps, starts, loc, attn.clamp_min(1e-30))
+
+
+IMPLS = {"reference": msda_reference, "fused": msda_fused, "fused-read-all": fused_reading_all}
+MEASURED = ("reference", "fused")  # the two whose peak memory is measured
 MODES = ("fwd", "fwd+bwd")
 # memory runs: blocks over 64 KiB get their own mmap, so freed memory leaves the resident set and every new
 # allocation shows up in it (glibc would otherwise recycle freed heap silently)
@@ -51,6 +67,10 @@ def make_inputs(shape, seed=0):
     value = torch.randn(B, int(sizes.sum()), M, D, generator=g)                         # (B, S, M, D)
     loc = 0.5 + 0.25 * torch.randn(B, Q, M, Lv, P, 2, generator=g)                      # (B, Q, M, Lv, P, 2)
     attn = torch.randn(B, Q, M, Lv * P, generator=g).softmax(-1).view(B, Q, M, Lv, P)   # (B, Q, M, Lv, P)
+    if "masked" in s:  # whole images masked, as MMFS masks them: every level, head and point weighs exactly 0
+        n = s["images"]
+        hidden = torch.rand(B, Q, 1, n, 1, 1, generator=g) < s["masked"]                # (B, Q, 1, n, 1, 1)
+        attn = attn.view(B, Q, M, n, Lv // n, P).masked_fill(hidden, 0.0).view(B, Q, M, Lv, P)
     return value, maps, starts, loc, attn
 
 
@@ -154,23 +174,25 @@ def main():
             compile_s, cached_s = (measure_in_subprocess("--first-call", env=env) for _ in range(2))
         print(f"MSDA core, float32, CPU: {os.cpu_count()} cores, torch {torch.get_num_threads()} threads, "
               f"load average {os.getloadavg()[0]:.1f} at start; median of {a.repeats} runs")
-    cols = ["shape", "pass", "reference ms", "fused ms", "speed-up", "ref peak MB", "fused peak MB", "peak ratio",
+    cols = ["shape", "pass", "reference ms", "fused ms", "speed-up", "fused, 0s read ms", "skip gain", "ref peak MB", "fused peak MB", "peak ratio",
             "ref workspace MB", "fused workspace MB"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("-" * (len(c) + 2) for c in cols) + "|")
     for shape in SHAPES:
         args = [t.cuda() for t in make_inputs(shape)] if cuda else make_inputs(shape)
         for mode in MODES:
-            t = {impl: median_seconds(impl, args, mode, a.repeats) for impl in IMPLS}
+            impls = IMPLS if "masked" in SHAPES[shape] else MEASURED  # nothing to skip without masked images
+            t = {impl: median_seconds(impl, args, mode, a.repeats) for impl in impls}
             if cuda:  # one process: the allocator's statistics are exact per call
-                mem = {impl: cuda_peak_extra_bytes(impl, args, mode) for impl in IMPLS}
+                mem = {impl: cuda_peak_extra_bytes(impl, args, mode) for impl in MEASURED}
             else:
-                mem = {impl: measure_in_subprocess("--memory", shape, impl, mode, env=MALLOC_ENV) for impl in IMPLS}
-            peak = {impl: mem[impl][0] / 2**20 for impl in IMPLS}
-            work = {impl: max(0, mem[impl][0] - mem[impl][1]) / 2**20 for impl in IMPLS}  # peak beyond the results
+                mem = {impl: measure_in_subprocess("--memory", shape, impl, mode, env=MALLOC_ENV) for impl in MEASURED}
+            peak = {impl: mem[impl][0] / 2**20 for impl in MEASURED}
+            work = {impl: max(0, mem[impl][0] - mem[impl][1]) / 2**20 for impl in MEASURED}  # peak beyond the results
             ratio = f"1/{peak['reference'] / peak['fused']:.1f}" if peak["fused"] > 0 else "n/a"
             row = [shape, mode, f"{t['reference'] * 1e3:.3f}", f"{t['fused'] * 1e3:.3f}",
-                   f"{t['reference'] / t['fused']:.1f}x", f"{peak['reference']:.1f}", f"{peak['fused']:.1f}", ratio,
+                   f"{t['reference'] / t['fused']:.1f}x", f"{t['fused-read-all'] * 1e3:.3f}" if len(t) == 3 else "-",
+                   f"{t['fused-read-all'] / t['fused']:.2f}x" if len(t) == 3 else "-", f"{peak['reference']:.1f}", f"{peak['fused']:.1f}", ratio,
                    f"{work['reference']:.1f}", f"{work['fused']:.1f}"]
             print("| " + " | ".join(f"{v:>{len(c)}}" for v, c in zip(row, cols)) + " |")
     if not cuda:

@@ -27,6 +27,13 @@ Thread -> work mapping:
                  limit), writes the grad_loc / grad_attn of its sample alone and adds into grad_value atomically.
 Inside every channel loop the corner rows and weights are fixed: they are computed once per (b, q, m, l, p).
 
+A sample whose attention weight is exactly 0 is skipped: the forward does not read it and the backward adds nothing
+to grad_value for it (its grad_attn, the sampled value dotted with grad_out, is still computed). MMFS gives every
+sample of a masked image that weight (a -10000 logit underflows in the softmax); in the --small recipe's LLM that is
+about 90 % of the samples (image slots of other stories, after the query, or empty). Skipping adds exactly what
+reading would add, 0, wherever the value read is finite; where it is NaN or inf the grid_sample oracle would return
+NaN and the kernels return what the other samples give.
+
 float32 and float64 run natively (`ft`, the working float type, keeps literals from promoting float32 maths to
 float64); float16 / bfloat16 inputs are upcast to float32, run, and the results cast back. Nothing is compiled at
 import and CUDA is never touched there: the CPU kernels compile on their first call and are cached on disk
@@ -104,16 +111,19 @@ def _cpu_forward(value, shapes, starts, loc, attn, out, ft):
     """out (B, Q, M, D), zero on entry, += the attention-weighted bilinear samples of value (B, M, S, D)."""
     B, M, _, D = value.shape
     Q, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    zero = ft(0.0)
     for i in numba.prange(B * M * Q):  # iteration i owns out[b, q, m, :]; q fastest, so a thread stays on one head
         b, m, q = i // (M * Q), i // Q % M, i % Q
         for l in range(L):
             h, w, start = shapes[l, 0], shapes[l, 1], starts[l]
             for p in range(P):
+                a = attn[b, q, m, l, p]
+                if a == zero:  # a masked image's sample: it would add exactly 0 (see the module docstring)
+                    continue
                 ok, r1, r2, r3, r4, k1, k2, k3, k4, lw, lh = _cpu_footprint(
                     loc[b, q, m, l, p, 0], loc[b, q, m, l, p, 1], start, h, w, ft)
                 if not ok:
                     continue
-                a = attn[b, q, m, l, p]
                 w1, w2, w3, w4 = _cpu_weights(lw, lh, k1, k2, k3, k4, ft)
                 w1, w2, w3, w4 = a * w1, a * w2, a * w3, a * w4
                 for c in range(D):  # contiguous, vectorised; no array views in loops (each would be refcounted)
@@ -145,7 +155,14 @@ def _cpu_backward(value, shapes, starts, loc, attn, grad_out, grad_value, grad_l
                 w1, w2, w3, w4 = _cpu_weights(lw, lh, k1, k2, k3, k4, ft)
                 w1, w2, w3, w4 = a * w1, a * w2, a * w3, a * w4
                 s1 = s2 = s3 = s4 = zero
-                if k1 != zero and k2 != zero and k3 != zero and k4 != zero:  # 4 distinct in-map rows: one pass
+                if a == zero:  # a masked image's sample: its grad_attn only (it adds 0 to grad_value, 0 to grad_loc)
+                    for c in range(D):
+                        gc = grad_out[b, q, m, c]
+                        s1 += gc * v[r1, c]
+                        s2 += gc * v[r2, c]
+                        s3 += gc * v[r3, c]
+                        s4 += gc * v[r4, c]
+                elif k1 != zero and k2 != zero and k3 != zero and k4 != zero:  # 4 distinct in-map rows: one pass
                     for c in range(D):
                         gc = grad_out[b, q, m, c]
                         s1 += gc * v[r1, c]
@@ -208,11 +225,12 @@ def _cuda_kernels(ft):
         for l in range(L):
             h, w, start = shapes[l, 0], shapes[l, 1], starts[l]
             for p in range(P):
+                a = attn[b, q, m, l, p]
                 ok, r1, r2, r3, r4, k1, k2, k3, k4, lw, lh = footprint(
                     loc[b, q, m, l, p, 0], loc[b, q, m, l, p, 1], start, h, w, ft)
-                if ok:
+                if ok and a != ft(0.0):  # a zero-weight sample is skipped, as on the CPU
                     w1, w2, w3, w4 = weights(lw, lh, k1, k2, k3, k4, ft)
-                    acc += attn[b, q, m, l, p] * (w1 * value[b, r1, m, c] + w2 * value[b, r2, m, c]
+                    acc += a * (w1 * value[b, r1, m, c] + w2 * value[b, r2, m, c]
                                                   + w3 * value[b, r3, m, c] + w4 * value[b, r4, m, c])
         out[b, q, m, c] = acc
 
@@ -230,6 +248,7 @@ def _cuda_kernels(ft):
         if not ok:
             return  # the three gradients of a skipped sample stay 0
         a = attn[b, q, m, l, p]
+        live = a != ft(0.0)  # a zero-weight sample adds nothing to grad_value, as on the CPU
         w1, w2, w3, w4 = weights(lw, lh, k1, k2, k3, k4, ft)
         w1, w2, w3, w4 = a * w1, a * w2, a * w3, a * w4
         s1 = s2 = s3 = s4 = ft(0.0)
@@ -239,13 +258,13 @@ def _cuda_kernels(ft):
             s2 += gc * value[b, r2, m, c]
             s3 += gc * value[b, r3, m, c]
             s4 += gc * value[b, r4, m, c]
-            if k1 != 0:  # other samples hit the same corners: atomics; off-map corners are skipped
+            if live and k1 != 0:  # other samples hit the same corners: atomics; off-map corners are skipped
                 cuda.atomic.add(grad_value, (b, r1, m, c), w1 * gc)
-            if k2 != 0:
+            if live and k2 != 0:
                 cuda.atomic.add(grad_value, (b, r2, m, c), w2 * gc)
-            if k3 != 0:
+            if live and k3 != 0:
                 cuda.atomic.add(grad_value, (b, r3, m, c), w3 * gc)
-            if k4 != 0:
+            if live and k4 != 0:
                 cuda.atomic.add(grad_value, (b, r4, m, c), w4 * gc)
         ga, gx, gy = grads(s1, s2, s3, s4, k1, k2, k3, k4, lw, lh, a, h, w, ft)
         grad_attn[b, q, m, l, p] = ga

@@ -70,6 +70,8 @@ def make_inputs(case, dtype):
     y = locations(g, grid, shapes[:, 0].view(1, 1, 1, Lv, 1))
     loc = torch.stack([x, y], dim=-1)                                                   # (B, Q, M, Lv, P, 2)
     attn = torch.rand(grid, generator=g, dtype=torch.float64)                           # (B, Q, M, Lv, P)
+    # a quarter of the weights exactly 0, as MMFS gives a masked image: the kernels skip those samples
+    attn = attn.masked_fill(torch.rand(grid, generator=g) < 0.25, 0.0)
     return value.to(dtype), shapes, starts, loc.to(dtype), attn.to(dtype)
 
 
@@ -153,6 +155,30 @@ def test_huge_and_border_locations(dtype):
     assert all(torch.isfinite(t).all() for t in got)
     want = run(msda_reference, [t.double() if t.is_floating_point() else t for t in inputs])
     assert_matches(got, want, inputs, TOL[dtype], 1e-9 if dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_masked_images_are_skipped_but_keep_their_attention_gradient(dtype):
+    """Images 1 and 3 of four (two levels each) masked as MMFS masks them: weight exactly 0 for every sample. The
+    kernel skips reading them, yet d/d attn there is the sampled value dotted with grad_out, as the oracle gives; a NaN
+    in a masked image's values is not read (the oracle would make it NaN), one in a visible image still reaches out."""
+    case = dict(B=2, Q=11, M=2, D=6, shapes=[(5, 4), (2, 3)] * 4, P=3, seed=9)
+    value, shapes, starts, loc, attn = make_inputs(case, dtype)
+    masked = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1], dtype=torch.bool).view(1, 1, 1, -1, 1)  # (1, 1, 1, Lv, 1)
+    attn = attn.masked_fill(masked, 0.0)
+    inputs = (value, shapes, starts, loc, attn)
+    got = run(msda_fused, inputs)
+    assert_matches(got, run(msda_reference, [t.double() if t.is_floating_point() else t for t in inputs]), inputs,
+                   TOL[dtype], 1e-9 if dtype == torch.float64 else 1e-4)
+    in_masked = masked.expand_as(attn)
+    assert got[3][in_masked].abs().max() > 0.1  # skipped samples still get their attention gradient
+    assert (got[2][in_masked] == 0).all()  # and no location gradient: the output does not depend on them
+    n = int(starts[2])  # value rows per image: image i is rows [i·n, (i+1)·n)
+    poisoned = value.clone()
+    poisoned[:, n:2 * n] = float("nan")  # masked image 1
+    torch.testing.assert_close(msda_fused(poisoned, shapes, starts, loc, attn), got[0], rtol=0, atol=0)
+    poisoned[:, 2 * n:3 * n] = float("nan")  # visible image 2
+    assert msda_fused(poisoned, shapes, starts, loc, attn).isnan().any()
 
 
 def test_gradcheck():
