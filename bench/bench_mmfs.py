@@ -3,11 +3,11 @@
     python bench/bench_mmfs.py [--repeats 5] [--device cuda]
 
 Prints median wall times side by side, speed-ups, the fused kernel's time when it must read the samples of masked
-images too (their weights raised from 0 to 1e-30, so it cannot skip them: what skipping saves), the peak extra memory of each (resident-set high-water mark above
-the level just before the call, each measured in a fresh process), the part of it beyond the results every
-implementation must hold ("workspace": output, upstream gradient, the three gradients), and the fused kernel's
-compile time in a process with an empty numba cache and in a second process that finds the cache. float32, torch's
-and numba's default threads. With --device cuda: the CUDA kernel against grid_sample on the GPU, times between
+images too (their weights raised from 0 to 1e-30, so it cannot skip them: what skipping saves), the peak extra memory
+of each (resident-set high-water mark above the level just before the call, each measured in a fresh process), the
+part of it beyond the results every implementation must hold ("workspace": output, upstream gradient, the three
+gradients), and the fused kernel's compile time in a process with an empty numba cache and in a second process that
+finds the cache. float32, torch's and numba's default threads. With --device cuda: the CUDA kernel against grid_sample on the GPU, times between
 synchronisations, and the peak of torch's allocator during one call above what was allocated before it.
 """
 import argparse
@@ -174,8 +174,8 @@ def main():
             compile_s, cached_s = (measure_in_subprocess("--first-call", env=env) for _ in range(2))
         print(f"MSDA core, float32, CPU: {os.cpu_count()} cores, torch {torch.get_num_threads()} threads, "
               f"load average {os.getloadavg()[0]:.1f} at start; median of {a.repeats} runs")
-    cols = ["shape", "pass", "reference ms", "fused ms", "speed-up", "fused, 0s read ms", "skip gain", "ref peak MB", "fused peak MB", "peak ratio",
-            "ref workspace MB", "fused workspace MB"]
+    cols = ["shape", "pass", "reference ms", "fused ms", "speed-up", "fused, 0s read ms", "skip gain", "ref peak MB",
+            "fused peak MB", "peak ratio", "ref workspace MB", "fused workspace MB"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("-" * (len(c) + 2) for c in cols) + "|")
     for shape in SHAPES:
@@ -190,10 +190,11 @@ def main():
             peak = {impl: mem[impl][0] / 2**20 for impl in MEASURED}
             work = {impl: max(0, mem[impl][0] - mem[impl][1]) / 2**20 for impl in MEASURED}  # peak beyond the results
             ratio = f"1/{peak['reference'] / peak['fused']:.1f}" if peak["fused"] > 0 else "n/a"
+            read_all = t.get("fused-read-all")
             row = [shape, mode, f"{t['reference'] * 1e3:.3f}", f"{t['fused'] * 1e3:.3f}",
-                   f"{t['reference'] / t['fused']:.1f}x", f"{t['fused-read-all'] * 1e3:.3f}" if len(t) == 3 else "-",
-                   f"{t['fused-read-all'] / t['fused']:.2f}x" if len(t) == 3 else "-", f"{peak['reference']:.1f}", f"{peak['fused']:.1f}", ratio,
-                   f"{work['reference']:.1f}", f"{work['fused']:.1f}"]
+                   f"{t['reference'] / t['fused']:.1f}x", f"{read_all * 1e3:.3f}" if read_all else "-",
+                   f"{read_all / t['fused']:.2f}x" if read_all else "-", f"{peak['reference']:.1f}",
+                   f"{peak['fused']:.1f}", ratio, f"{work['reference']:.1f}", f"{work['fused']:.1f}"]
             print("| " + " | ".join(f"{v:>{len(c)}}" for v, c in zip(row, cols)) + " |")
     if not cuda:
         print(f"fused first call (fwd+bwd, tiny) beyond a warm call: {compile_s:.1f} s with an empty numba cache, "

@@ -231,7 +231,7 @@ def _cuda_kernels(ft):
                 if ok and a != ft(0.0):  # a zero-weight sample is skipped, as on the CPU
                     w1, w2, w3, w4 = weights(lw, lh, k1, k2, k3, k4, ft)
                     acc += a * (w1 * value[b, r1, m, c] + w2 * value[b, r2, m, c]
-                                                  + w3 * value[b, r3, m, c] + w4 * value[b, r4, m, c])
+                                + w3 * value[b, r3, m, c] + w4 * value[b, r4, m, c])
         out[b, q, m, c] = acc
 
     @cuda.jit
