@@ -155,14 +155,7 @@ def _cpu_backward(value, shapes, starts, loc, attn, grad_out, grad_value, grad_l
                 w1, w2, w3, w4 = _cpu_weights(lw, lh, k1, k2, k3, k4, ft)
                 w1, w2, w3, w4 = a * w1, a * w2, a * w3, a * w4
                 s1 = s2 = s3 = s4 = zero
-                if a == zero:  # a masked image's sample: its grad_attn only (it adds 0 to grad_value, 0 to grad_loc)
-                    for c in range(D):
-                        gc = grad_out[b, q, m, c]
-                        s1 += gc * v[r1, c]
-                        s2 += gc * v[r2, c]
-                        s3 += gc * v[r3, c]
-                        s4 += gc * v[r4, c]
-                elif k1 != zero and k2 != zero and k3 != zero and k4 != zero:  # 4 distinct in-map rows: one pass
+                if a != zero and k1 != zero and k2 != zero and k3 != zero and k4 != zero:  # 4 in-map rows: one pass
                     for c in range(D):
                         gc = grad_out[b, q, m, c]
                         s1 += gc * v[r1, c]
@@ -173,7 +166,7 @@ def _cpu_backward(value, shapes, starts, loc, attn, grad_out, grad_value, grad_l
                         gv[r2, c] += w2 * gc
                         gv[r3, c] += w3 * gc
                         gv[r4, c] += w4 * gc
-                else:  # on the border: off-map corners are skipped, clamped rows may coincide
+                else:  # on the border (off-map corners skipped, clamped rows may coincide), or masked (weight 0)
                     for c in range(D):
                         gc = grad_out[b, q, m, c]
                         s1 += gc * v[r1, c]
@@ -181,7 +174,7 @@ def _cpu_backward(value, shapes, starts, loc, attn, grad_out, grad_value, grad_l
                         s3 += gc * v[r3, c]
                         s4 += gc * v[r4, c]
                     for r, wr, k in ((r1, w1, k1), (r2, w2, k2), (r3, w3, k3), (r4, w4, k4)):
-                        if k != zero:
+                        if k != zero and a != zero:  # a masked sample gets its grad_attn only: it adds 0 here
                             for c in range(D):
                                 gv[r, c] += wr * grad_out[b, q, m, c]
                 ga, gx, gy = _cpu_grads(s1, s2, s3, s4, k1, k2, k3, k4, lw, lh, a, h, w, ft)
