@@ -344,10 +344,14 @@ def lr_factor(step):
 
 
 # EMA of the trainable weights (what sampling uses); frozen tensors and buffers are copied as they are
-ema = {k: v.detach().clone() for k, v in raw.state_dict().items()} if S.ema > 0 else None
+def weights_copy():
+    return {k: v.detach().clone() for k, v in raw.state_dict().items()}
+
+
+ema = weights_copy() if S.ema > 0 else None
 trainable = {n for n, p in raw.named_parameters() if p.requires_grad}
 # --ema-also: more averages of the same weights, each saved as its own checkpoint directory (DIR/ema-D)
-extra = {d: {k: v.detach().clone() for k, v in raw.state_dict().items()} for d in getattr(S, "ema_also", [])}
+extra = {d: weights_copy() for d in getattr(S, "ema_also", [])}
 
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints: every file written atomically; state.json last, so a crash mid-save leaves the previous step
@@ -449,7 +453,7 @@ for step in range(start, stop):
     opt.step()
     opt.zero_grad(set_to_none=True)
     with torch.no_grad():
-        state = raw.state_dict()
+        state = raw.state_dict() if averages else {}  # no average (--tiny, --ema 0): nothing to read
         for avg, decay in averages:
             for k, v in state.items():
                 if k in trainable:
