@@ -331,9 +331,8 @@ def param_groups(net, lr, wd=0.05, unet_lr_scale=1.0):
     return [dict(params=ps, lr=l, base_lr=l, weight_decay=w, name=f"{n}/wd{w}") for (n, l, w), ps in groups.items()]
 
 
-# fused: one kernel over all tensors instead of a loop over 864 of them (--small: 21 against 46 ms a step on the CPU)
 opt = torch.optim.AdamW(param_groups(raw, S.lr, unet_lr_scale=S.unet_lr_scale),
-                        betas=tuple(getattr(S, "betas", (0.9, 0.99))), eps=getattr(S, "eps", 1e-8), fused=True)
+                        betas=tuple(getattr(S, "betas", (0.9, 0.99))), eps=getattr(S, "eps", 1e-8))
 
 
 def lr_factor(step):

@@ -102,7 +102,7 @@ def run_one(variant):
     net = build(variant, tok)
     net.train()
     # one AdamW group instead of train.py's four: the groups change learning rates and decay, not the cost
-    opt = torch.optim.AdamW(net.parameters(), lr=small["lr"], betas=(0.9, 0.99), weight_decay=0.05, fused=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=small["lr"], betas=(0.9, 0.99), weight_decay=0.05)
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     cfg = net.cfg
