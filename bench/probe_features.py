@@ -10,8 +10,8 @@ frame is in both halves. A level that gives a high shape accuracy here has the s
 recovers; the LLM's MMFS blocks (which read `llm.mmfs_levels`, marked *) then only have to look in the right place.
 
 `--untrained` adds the `--small` model as train.py builds it before its first step (seed 0): the floor a trained
-checkpoint should clear. Chance is 1/3 for shape; 1/7 for colour with 7 colours, though colour is one linear read
-of the pixels, so even random features give it. Deterministic: the same frames and fit every run. About 10 s a
+checkpoint should clear. Chance is 1/3 for shape; 1/6 for colour (6 colours), though colour is one linear read
+of the pixels, so even random features give it. Deterministic: the same frames and fit every run. About 25 s a
 checkpoint on a 2-core CPU.
 """
 import argparse

@@ -1,8 +1,12 @@
 """The bench scripts' CPU helpers run (no timing is asserted): bench_mmfs.py once lost its CPU path's functions when
-its CUDA path was added, and nothing noticed until it was next run."""
+its CUDA path was added, and nothing noticed until it was next run. probe_features.py's fit and sampling are checked
+against what they claim to compute."""
 import torch
 
+import data
+import model as M
 from bench.bench_mmfs import MASKED_LLM, fused_reading_all, make_inputs, measure_in_subprocess
+from bench.probe_features import linear_probe, object_features
 from kernels.msda import msda_fused
 
 
@@ -28,7 +32,6 @@ def test_the_read_all_variant_reads_the_masked_samples_and_gives_the_same_output
 def test_linear_probe_reads_a_linear_label_and_not_noise():
     """probe_features.py's fit: near-perfect where the label is one linear read of the features, near chance (1/3)
     where the label is independent of them; fitted on two rows in three, scored on the third."""
-    from bench.probe_features import linear_probe
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 8, generator=g, dtype=torch.float64)
     test = torch.arange(600) % 3 == 0
@@ -41,9 +44,6 @@ def test_linear_probe_reads_a_linear_label_and_not_noise():
 def test_probe_features_samples_each_level_at_the_object_centroid(tiny_checkpoint):
     """The feature of an object is its pyramid maps bilinearly interpolated at its centroid, pixel centres at
     (j + 0.5) * S / s: checked by hand-written interpolation against grid_sample's convention."""
-    import data
-    import model as M
-    from bench.probe_features import object_features
     net, _ = M.MMInterleaved.from_checkpoint(tiny_checkpoint)
     stories = [data.make_story("eval", 0, i, net.cfg.image_size) for i in range(3)]
     feats, shape, colour, frame, sides = object_features(net, stories)
