@@ -7,8 +7,9 @@ images too (their weights raised from 0 to 1e-30, so it cannot skip them: what s
 of each (resident-set high-water mark above the level just before the call, each measured in a fresh process), the
 part of it beyond the results every implementation must hold ("workspace": output, upstream gradient, the three
 gradients), and the fused kernel's compile time in a process with an empty numba cache and in a second process that
-finds the cache. float32, torch's and numba's default threads. With --device cuda: the CUDA kernel against grid_sample on the GPU, times between
-synchronisations, and the peak of torch's allocator during one call above what was allocated before it.
+finds the cache. float32, torch's and numba's default threads. With --device cuda: the CUDA kernel against
+grid_sample on the GPU, times between synchronisations, and the peak of torch's allocator during one call above what
+was allocated before it.
 """
 import argparse
 import json
