@@ -94,6 +94,8 @@ g.add_argument("--mmfs-first-layer", type=int, metavar="N", help="the LLM's firs
                "next ones at the preset's spacing (the small recipe: 0 as the paper, so layers 0 and 2; 1 gives 1, 3)")
 g.add_argument("--mmfs-points", type=int, metavar="P", help="sampling points per head and level of the LLM's MMFS "
                "(the small recipe: 4; the paper: 8)")
+g.add_argument("--spm-width", type=int, metavar="C", help="stem width of the ViT-Adapter's spatial prior module, the conv "
+               "net that gives the pyramid its shapes (the small recipe: 16; the paper: 64, then 128 and 256 deeper)")
 g.add_argument("--prediction-type", choices=["v_prediction", "sample", "epsilon"], help="what the UNet predicts "
                "(the small recipe: v_prediction; sample = x0). Saved in the checkpoint, so sampling follows it")
 g.add_argument("--first-frame-prob", metavar="P", help="share of training documents that are a story's first frame "
@@ -175,6 +177,9 @@ if args.mmfs_first_layer is not None and args.mmfs_first_layer >= (n := M.preset
 if args.mmfs_points is not None and (args.paper or args.no_mmfs or args.mmfs_points < 1):
     fail(f"--mmfs-points {args.mmfs_points}: " + ("the paper model keeps the authors' 8" if args.paper else
          "--no-mmfs has no MMFS blocks" if args.no_mmfs else "at least 1 point"))
+if args.spm_width is not None and (args.paper or args.spm_width < 1):
+    fail(f"--spm-width {args.spm_width}: " + ("the paper model keeps the authors' 64" if args.paper else
+                                              "at least 1 channel"))
 if args.first_frame_prob is not None:
     if args.paper or args.data:
         fail(f"--first-frame-prob {args.first_frame_prob}: a ShapeStories recipe's mix; --paper and --data read "
@@ -216,7 +221,7 @@ try:
                         mmfs_max_side=args.mmfs_max_side, unet_attn_side=args.unet_attn_side,
                         unet_layers=args.unet_layers,
                         mmfs_first_layer=args.mmfs_first_layer, mmfs_points=args.mmfs_points,
-                        data=args.data, seed=args.seed, ema_also=sorted(set(args.ema_also or [])),
+                        spm_width=args.spm_width, data=args.data, seed=args.seed, ema_also=sorted(set(args.ema_also or [])),
                         **settings_mix,
                         parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
         for k in ("steps", "batch_size", "lr", "ema", "save_every", "noise_draws", "noise_draws_t2i",
@@ -286,6 +291,8 @@ else:
         cfg.llm = dataclasses.replace(cfg.llm, mmfs_first=S.mmfs_first_layer)
     if getattr(S, "mmfs_points", None) is not None:
         cfg.llm = dataclasses.replace(cfg.llm, mmfs_points=S.mmfs_points)
+    if getattr(S, "spm_width", None) is not None:
+        cfg.vit = dataclasses.replace(cfg.vit, conv_inplane=S.spm_width)
     if getattr(S, "unet_layers", None) is not None:
         cfg.unet = dataclasses.replace(cfg.unet, layers_per_block=S.unet_layers)
     if getattr(S, "unet_attn_side", None) is not None:  # [N] or [N, M]

@@ -260,6 +260,16 @@ def test_mmfs_points_flag_reaches_the_checkpoint(tmp_path):
     assert attn.n_points == 3 and attn.sampling_offsets.out_features == c.mmfs_heads * 3 * 2
 
 
+def test_spm_width_flag_reaches_the_checkpoint(tmp_path):
+    refused(tmp_path / "bad", "--spm-width", 0, says="--spm-width 0")
+    out = tmp_path / "w12"
+    assert run("--out", out, "--spm-width", 12, "--stop-at", 1).returncode == 0
+    net, _ = M.MMInterleaved.from_checkpoint(out)
+    assert net.cfg.vit.conv_inplane == 12 != M.preset("tiny").vit.conv_inplane
+    spm = net.vit.adapter_spm  # the stem 12 wide, then 2x and 4x deeper
+    assert (spm.stem[0].out_channels, spm.conv2[0].out_channels, spm.conv3[0].out_channels) == (12, 24, 48)
+
+
 def test_first_frame_prob_flag_changes_the_batches_and_survives_resume(full_run, tmp_path):
     for bad in (("--first-frame-prob", "1.5"), ("--first-frame-prob", "most"), ("--first-frame-prob", "nan"),
                 ("--first-frame-prob", "0.5", "--data", "x.jsonl")):
