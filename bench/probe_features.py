@@ -1,6 +1,6 @@
 """Do a trained ViT's pyramid maps say each object's shape where it lies? A linear probe, read off checkpoints.
 
-    python bench/probe_features.py --checkpoint out/small [--checkpoint out/other ...] [--untrained]
+    python bench/probe_features.py --checkpoint out/small [--checkpoint out/other ...] [--untrained] [--parts]
 
 MMFS reads the pyramid by bilinear sampling, so this probe reads it the same way: for every object of N held-out
 first frames it samples each level at the object's centroid (a (C,) vector per level), then fits a multinomial
@@ -8,6 +8,11 @@ logistic regression (L-BFGS, a small L2 penalty, features standardised) from tho
 and, as a control, to its colour. It fits on the objects of two frames in three and scores on the third, so no
 frame is in both halves. A level that gives a high shape accuracy here has the shape in a form one linear read
 recovers; the LLM's MMFS blocks (which read `llm.mmfs_levels`, marked *) then only have to look in the right place.
+
+`--parts` also probes what each level is a sum of (vit.ViTAdapter.forward): the spatial prior module's map of that
+side (a small conv net on the pixels, refined by the extractors for the three coarse levels) and the ViT's token
+map after each interaction block (the level of the same depth adds it, resized). They say which of the two
+carries the shape.
 
 `--untrained` adds the `--small` model as train.py builds it before its first step (seed 0): the floor a trained
 checkpoint should clear. Chance is 1/3 for shape; 1/6 for colour (6 colours), though colour is one linear read
@@ -28,27 +33,67 @@ import data  # noqa: E402
 import model as M  # noqa: E402
 
 
+def first_frames(stories):
+    """Each story's first frame, (N, 3, S, S) in [0, 1]."""
+    return torch.stack([data.to_tensor(s.images[0]) for s in stories])
+
+
+def centroid_features(maps, stories, size):
+    """Maps [(N, C, s, s)] of N frames of `size` px -> (n_objects, len(maps), C) float64: every map sampled
+    bilinearly at each object's centroid, as MMFS samples (grid_sample's convention, align_corners=False)."""
+    feats = []
+    for i, s in enumerate(stories):
+        # grid_sample's (x, y) in [-1, 1] over the whole image: pixel x -> 2x/S - 1
+        grid = torch.tensor([[[2 * o.x / size - 1, 2 * o.y / size - 1] for o in s.objects[0]]], dtype=maps[0].dtype)
+        per_map = [F.grid_sample(m[i:i + 1], grid[:, None], align_corners=False)[0, :, 0].T  # (n_obj, C)
+                   for m in maps]
+        feats.append(torch.stack(per_map, 1))                                        # (n_obj, maps, C)
+    return torch.cat(feats).double()
+
+
 def object_features(net, stories):
     """Each story's first frame through net.encode_images -> per object, each pyramid level sampled at its
     centroid: features (n_objects, levels, C), shape and colour labels (n_objects,), frame index (n_objects,),
     and the levels' sides."""
-    frames = torch.stack([data.to_tensor(s.images[0]) for s in stories])            # (N, 3, S, S) in [0, 1]
-    size = frames.shape[-1]
+    frames = first_frames(stories)                                                   # (N, 3, S, S)
     with torch.no_grad():
         _, pyramid = net.encode_images(frames)                                       # [(N, C, s, s)] per level
-    feats, shape, colour, frame = [], [], [], []
-    for i, s in enumerate(stories):
-        objs = s.objects[0]
-        # grid_sample's (x, y) in [-1, 1] over the whole image (align_corners=False): pixel x -> 2x/S - 1
-        grid = torch.tensor([[[2 * o.x / size - 1, 2 * o.y / size - 1] for o in objs]], dtype=frames.dtype)
-        per_level = [F.grid_sample(p[i:i + 1], grid[:, None], align_corners=False)[0, :, 0].T  # (n_obj, C)
-                     for p in pyramid]
-        feats.append(torch.stack(per_level, 1))                                      # (n_obj, levels, C)
-        shape += [data.SHAPES.index(o.shape) for o in objs]
-        colour += [data.COLOURS.index(o.colour) for o in objs]
-        frame += [i] * len(objs)
-    return (torch.cat(feats).double(), torch.tensor(shape), torch.tensor(colour), torch.tensor(frame),
-            [p.shape[-1] for p in pyramid])
+    objs = [(i, o) for i, s in enumerate(stories) for o in s.objects[0]]
+    return (centroid_features(pyramid, stories, frames.shape[-1]),
+            torch.tensor([data.SHAPES.index(o.shape) for _, o in objs]),
+            torch.tensor([data.COLOURS.index(o.colour) for _, o in objs]),
+            torch.tensor([i for i, _ in objs]), [p.shape[-1] for p in pyramid])
+
+
+def adapter_parts(net, frames):
+    """What each pyramid level is a sum of, caught with forward hooks while net.encode_images runs: the spatial
+    prior module's four maps (a conv net on the pixels) and the ViT's token map after each interaction block (the
+    level of the same depth adds it, resized). -> {name: (N, D, s, s)}."""
+    vit, caught = net.vit, {}
+    g, sides = vit.cfg.grid, vit.cfg.pyramid_sizes
+
+    def spm_hook(module, args, out):
+        c1, tokens = out                                                              # (N, D, s1, s1), [(N, s², D)]
+        caught[f"SPM {sides[0]}x{sides[0]}"] = c1
+        for t, s in zip(tokens, sides[1:]):
+            caught[f"SPM {s}x{s}"] = t.transpose(1, 2).reshape(len(t), -1, s, s)
+
+    def block_hook(i):
+        def hook(module, args, out):
+            x = out[0]                                                                # (N, g², D), no CLS
+            caught[f"ViT layers {vit.cfg.runs[i][0]}-{vit.cfg.runs[i][1]} {g}x{g}"] = x.transpose(1, 2).reshape(
+                len(x), -1, g, g)
+        return hook
+
+    handles = [vit.adapter_spm.register_forward_hook(spm_hook)]
+    handles += [b.register_forward_hook(block_hook(i)) for i, b in enumerate(vit.adapter_interactions)]
+    try:
+        with torch.no_grad():
+            net.encode_images(frames)
+    finally:
+        for h in handles:
+            h.remove()
+    return caught
 
 
 def linear_probe(x, y, test, n_classes, l2=1e-3):
@@ -71,8 +116,9 @@ def linear_probe(x, y, test, n_classes, l2=1e-3):
         return float(((x[test] @ w + b).argmax(1) == y[test]).double().mean())
 
 
-def probe(net, stories):
-    """-> {level name: (shape accuracy, colour accuracy)}, one row per pyramid level and one for all of them."""
+def probe(net, stories, parts=False):
+    """-> {level name: (shape accuracy, colour accuracy)}, one row per pyramid level and one for all of them; with
+    `parts`, one more row per adapter_parts map."""
     feats, shape, colour, frame, sides = object_features(net, stories)
     test = frame % 3 == 0
     read = set(net.cfg.llm.mmfs_levels) if net.cfg.llm.mmfs_every else set()
@@ -84,6 +130,12 @@ def probe(net, stories):
     x = feats.flatten(1)
     rows["all levels"] = (linear_probe(x, shape, test, len(data.SHAPES)),
                           linear_probe(x, colour, test, len(data.COLOURS)))
+    if parts:
+        frames = first_frames(stories)
+        for name, m in adapter_parts(net, frames).items():
+            x = centroid_features([m], stories, frames.shape[-1])[:, 0]
+            rows[name] = (linear_probe(x, shape, test, len(data.SHAPES)),
+                          linear_probe(x, colour, test, len(data.COLOURS)))
     return rows
 
 
@@ -92,6 +144,8 @@ if __name__ == "__main__":
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", action="append", default=[], help="train.py's --out directory (repeatable)")
     ap.add_argument("--untrained", action="store_true", help="also probe the untrained --small model (seed 0)")
+    ap.add_argument("--parts", action="store_true", help="also probe what the levels are sums of: the spatial prior "
+                    "module's maps and the ViT's token map after each interaction block")
     ap.add_argument("--frames", type=int, default=600, help="held-out first frames (eval split, stories 0..N-1)")
     args = ap.parse_args()
     if not args.checkpoint and not args.untrained:
@@ -113,8 +167,8 @@ if __name__ == "__main__":
         size = net.cfg.image_size
         if size not in by_size:
             by_size[size] = [data.make_story("eval", 0, i, size) for i in range(args.frames)]
-        rows = probe(net, by_size[size])
+        rows = probe(net, by_size[size], args.parts)
         n = sum(len(s.objects[0]) for s in by_size[size])
         print(f"{name}: {n} objects in {args.frames} frames; held-out accuracy, shape / colour (* = the LLM reads it)")
         for level, (acc_shape, acc_colour) in rows.items():
-            print(f"  {level:<11} {100 * acc_shape:5.1f} % / {100 * acc_colour:5.1f} %", flush=True)
+            print(f"  {level:<15} {100 * acc_shape:5.1f} % / {100 * acc_colour:5.1f} %", flush=True)

@@ -1,12 +1,16 @@
 """The bench scripts' CPU helpers run (no timing is asserted): bench_mmfs.py once lost its CPU path's functions when
 its CUDA path was added, and nothing noticed until it was next run. probe_features.py's fit and sampling are checked
-against what they claim to compute."""
+against what they claim to compute, and its --parts maps are laid out as the image is;
+probe_caption_paths.py's switches remove exactly the MMFS blocks and its weight shares are shares."""
 import torch
+import torch.nn.functional as F
 
 import data
 import model as M
+import vit as vit_lib
 from bench.bench_mmfs import MASKED_LLM, fused_reading_all, make_inputs, measure_in_subprocess
-from bench.probe_features import linear_probe, object_features
+from bench.probe_caption_paths import gates_off, level_shares, mmfs_blocks
+from bench.probe_features import adapter_parts, linear_probe, object_features
 from kernels.msda import msda_fused
 
 
@@ -65,3 +69,78 @@ def test_probe_features_samples_each_level_at_the_object_centroid(tiny_checkpoin
                 if 0 <= xx < s and 0 <= yy < s:  # outside the map: zeros (grid_sample's padding)
                     want = want + wy * wx * p[2, :, yy, xx].double()
         torch.testing.assert_close(feats[k, j], want, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_parts_are_the_spm_maps_and_the_vit_token_maps_in_row_major_order(tiny_checkpoint):
+    """probe_features.py --parts: each caught map is laid out as the image is (row r, column c of a map is token
+    r·s + c), checked against the spatial prior module run by hand and against the tokens the ViT returns."""
+    net, _ = M.MMInterleaved.from_checkpoint(tiny_checkpoint)
+    cfg = net.cfg.vit
+    frames = torch.stack([data.to_tensor(data.make_story("eval", 0, i, net.cfg.image_size).images[0])
+                          for i in range(3)])
+    parts = adapter_parts(net, frames)
+    runs, g, sides = cfg.runs, cfg.grid, cfg.pyramid_sizes
+    assert sorted(parts) == sorted([f"SPM {s}x{s}" for s in sides] + [f"ViT layers {a}-{b} {g}x{g}" for a, b in runs])
+    with torch.no_grad():
+        spm_in = F.interpolate(vit_lib.normalize(frames), size=(cfg.spm_size, cfg.spm_size), mode="bilinear",
+                               align_corners=False)
+        c1, tokens = net.vit.adapter_spm(spm_in)
+        last, _ = net.vit(frames)                                                    # (3, 1+g², D)
+    torch.testing.assert_close(parts[f"SPM {sides[0]}x{sides[0]}"], c1)
+    for t, s in zip(tokens, sides[1:]):
+        m = parts[f"SPM {s}x{s}"]
+        assert m.shape == (3, cfg.hidden_size, s, s)
+        torch.testing.assert_close(m[1, :, s - 1, 0], t[1, (s - 1) * s])  # bottom-left cell = token (s-1)·s
+    a, b = runs[-1]
+    vit_map = parts[f"ViT layers {a}-{b} {g}x{g}"]
+    torch.testing.assert_close(vit_map[2, :, 0, g - 1], last[2, 1 + g - 1])  # top-right cell = token g-1 after CLS
+    torch.testing.assert_close(vit_map.flatten(2).transpose(1, 2), last[:, 1:])
+
+
+def test_gates_off_removes_exactly_the_llm_mmfs_blocks_and_restores_them(tiny_checkpoint):
+    """probe_caption_paths.py: with a block's gate at 0 the LLM's states no longer depend on the pyramid (only the
+    MMFS blocks read it); with the gates on they do; the gates come back on exit."""
+    net, tok = M.MMInterleaved.from_checkpoint(tiny_checkpoint)
+    story = data.make_story("eval", 0, 0, net.cfg.image_size)
+    tokens = torch.tensor([[tok.bos_id] + tok.image_tokens(net.cfg.num_image_tokens)
+                           + tok.encode(story.sentences[0], bos=False)])
+    images = data.to_tensor(story.images[0])[None]
+    blocks = mmfs_blocks(net)
+    assert len(blocks) == net.cfg.llm.n_layers  # the tiny LLM has a block in every layer
+    for b in blocks:
+        b.gate.data.fill_(0.5)  # a two-step checkpoint's gates are still near 0
+    encode = net.encode_images
+
+    def states(shift):  # the LLM's states with every pyramid map shifted by `shift`, the visual tokens unchanged
+        visual, pyramid = encode(images)
+        net.encode_images = lambda im: (visual, [p + shift for p in pyramid])
+        try:
+            return net.hidden_states(tokens, images, torch.tensor([1]))[0]
+        finally:
+            del net.encode_images
+
+    with torch.no_grad():
+        on = states(0.0), states(1.0)
+        with gates_off(net, range(len(blocks))):
+            off = states(0.0), states(1.0)
+        with gates_off(net, [0]):
+            one_off = states(0.0), states(1.0)
+    assert (on[0] - on[1]).abs().max() > 1e-4
+    assert (one_off[0] - one_off[1]).abs().max() > 1e-4  # the other blocks still read
+    torch.testing.assert_close(off[0], off[1], rtol=0, atol=0)
+    assert [b.gate.item() for b in blocks] == [0.5] * len(blocks)
+
+
+def test_level_shares_are_per_head_shares_of_the_decoding_steps(tiny_checkpoint):
+    net, tok = M.MMInterleaved.from_checkpoint(tiny_checkpoint)
+    stories = [data.make_story("eval", 0, i, net.cfg.image_size) for i in range(2)]
+    prompt = torch.tensor([[tok.bos_id] + tok.image_tokens(net.cfg.num_image_tokens)] * 2)
+    images = torch.stack([data.to_tensor(s.images[0]) for s in stories])
+    with torch.no_grad(), level_shares(net) as shares:
+        net.generate_text(prompt, images, max_new_tokens=3)
+    cfg = net.cfg.llm
+    assert sorted(shares) == list(range(len(mmfs_blocks(net))))
+    for w in shares.values():
+        assert w.shape == (cfg.mmfs_heads, len(cfg.mmfs_levels) + 1) and (w >= 0).all()
+        torch.testing.assert_close(w.sum(-1), torch.ones(cfg.mmfs_heads, dtype=w.dtype))
+    assert not any("sampling" in vars(b.attn) for b in mmfs_blocks(net))  # the class's method again on exit
