@@ -94,8 +94,9 @@ g.add_argument("--mmfs-first-layer", type=int, metavar="N", help="the LLM's firs
                "next ones at the preset's spacing (the small recipe: 0 as the paper, so layers 0 and 2; 1 gives 1, 3)")
 g.add_argument("--mmfs-points", type=int, metavar="P", help="sampling points per head and level of the LLM's MMFS "
                "(the small recipe: 4; the paper: 8)")
-g.add_argument("--spm-width", type=int, metavar="C", help="stem width of the ViT-Adapter's spatial prior module, the conv "
-               "net that gives the pyramid its shapes (the small recipe: 16; the paper: 64, then 128 and 256 deeper)")
+g.add_argument("--spm-width", type=int, metavar="C", help="stem width of the ViT-Adapter's spatial prior module, "
+               "the conv net that gives the pyramid its shapes (the small recipe: 16; the paper: 64, then 128 and 256 "
+               "deeper)")
 g.add_argument("--prediction-type", choices=["v_prediction", "sample", "epsilon"], help="what the UNet predicts "
                "(the small recipe: v_prediction; sample = x0). Saved in the checkpoint, so sampling follows it")
 g.add_argument("--first-frame-prob", metavar="P", help="share of training documents that are a story's first frame "
@@ -221,7 +222,8 @@ try:
                         mmfs_max_side=args.mmfs_max_side, unet_attn_side=args.unet_attn_side,
                         unet_layers=args.unet_layers,
                         mmfs_first_layer=args.mmfs_first_layer, mmfs_points=args.mmfs_points,
-                        spm_width=args.spm_width, data=args.data, seed=args.seed, ema_also=sorted(set(args.ema_also or [])),
+                        spm_width=args.spm_width,
+                        data=args.data, seed=args.seed, ema_also=sorted(set(args.ema_also or [])),
                         **settings_mix,
                         parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
         for k in ("steps", "batch_size", "lr", "ema", "save_every", "noise_draws", "noise_draws_t2i",

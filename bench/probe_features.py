@@ -10,9 +10,9 @@ frame is in both halves. A level that gives a high shape accuracy here has the s
 recovers; the LLM's MMFS blocks (which read `llm.mmfs_levels`, marked *) then only have to look in the right place.
 
 `--parts` also probes what each level is a sum of (vit.ViTAdapter.forward): the spatial prior module's map of that
-side (a small conv net on the pixels, refined by the extractors for the three coarse levels) and the ViT's token
-map after each interaction block (the level of the same depth adds it, resized). They say which of the two
-carries the shape.
+side (a small conv net on the pixels; read here as the module gives it, while the three coarse levels hold it as the
+extractors leave it, after reading the ViT's tokens) and the ViT's token map after each interaction block (the
+level of the same depth adds it, resized). They say which of the two carries the shape.
 
 `--untrained` adds the `--small` model as train.py builds it before its first step (seed 0): the floor a trained
 checkpoint should clear. Chance is 1/3 for shape; 1/6 for colour (6 colours), though colour is one linear read
@@ -67,8 +67,9 @@ def object_features(net, stories):
 
 def adapter_parts(net, frames):
     """What each pyramid level is a sum of, caught with forward hooks while net.encode_images runs: the spatial
-    prior module's four maps (a conv net on the pixels) and the ViT's token map after each interaction block (the
-    level of the same depth adds it, resized). -> {name: (N, D, s, s)}."""
+    prior module's four maps as it outputs them (a conv net on the pixels; before the extractors refine the three
+    coarse ones) and the ViT's token map after each interaction block (the level of the same depth adds it,
+    resized). -> {name: (N, D, s, s)}."""
     vit, caught = net.vit, {}
     g, sides = vit.cfg.grid, vit.cfg.pyramid_sizes
 
