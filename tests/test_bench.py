@@ -10,7 +10,7 @@ import model as M
 import vit as vit_lib
 from bench.bench_mmfs import MASKED_LLM, fused_reading_all, make_inputs, measure_in_subprocess
 from bench.probe_caption_paths import gates_off, level_shares, mmfs_blocks
-from bench.probe_features import adapter_parts, linear_probe, object_features
+from bench.probe_features import adapter_parts, first_frames, linear_probe, object_features
 from kernels.msda import msda_fused
 
 
@@ -76,8 +76,7 @@ def test_adapter_parts_are_the_spm_maps_and_the_vit_token_maps_in_row_major_orde
     r·s + c), checked against the spatial prior module run by hand and against the tokens the ViT returns."""
     net, _ = M.MMInterleaved.from_checkpoint(tiny_checkpoint)
     cfg = net.cfg.vit
-    frames = torch.stack([data.to_tensor(data.make_story("eval", 0, i, net.cfg.image_size).images[0])
-                          for i in range(3)])
+    frames = first_frames([data.make_story("eval", 0, i, net.cfg.image_size) for i in range(3)])
     parts = adapter_parts(net, frames)
     runs, g, sides = cfg.runs, cfg.grid, cfg.pyramid_sizes
     assert sorted(parts) == sorted([f"SPM {s}x{s}" for s in sides] + [f"ViT layers {a}-{b} {g}x{g}" for a, b in runs])

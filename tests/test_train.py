@@ -27,6 +27,13 @@ def refused(out, *args, says):
     assert not Path(out).exists()
 
 
+def one_step(out, *flags):
+    """train.py --tiny with `flags` for one step into `out` -> the checkpoint's model (the flag tests read it back)."""
+    r = run("--out", out, *flags, "--stop-at", 1)
+    assert r.returncode == 0, r.stderr
+    return M.MMInterleaved.from_checkpoint(out)[0]
+
+
 def losses(out):
     return [json.loads(ln)["loss"] for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -177,8 +184,7 @@ def test_unet_attn_side_flag_reaches_the_checkpoint_and_resume_keeps_it(tmp_path
     for bad in ("0", "8,16,32", "8,x", "-8"):
         refused(tmp_path / "bad", f"--unet-attn-side={bad}", says="--unet-attn-side")
     out = tmp_path / "attn"
-    assert run("--out", out, "--unet-attn-side", 64, "--stop-at", 1).returncode == 0
-    c = M.MMInterleaved.from_checkpoint(out)[0].cfg.unet
+    c = one_step(out, "--unet-attn-side", 64).cfg.unet
     assert set(c.down_block_types) == {"CrossAttnDownBlock2D"} and set(c.up_block_types) == {"CrossAttnUpBlock2D"}
     assert set(M.preset("tiny").unet.down_block_types) != {"CrossAttnDownBlock2D"}  # so the flag did it
     # --resume builds the model from the config saved with the checkpoint, not from the preset and flags: drop the
@@ -190,16 +196,13 @@ def test_unet_attn_side_flag_reaches_the_checkpoint_and_resume_keeps_it(tmp_path
     assert r.returncode == 0, r.stderr
     assert M.MMInterleaved.from_checkpoint(out)[0].cfg.unet.down_block_types == c.down_block_types
     # N,M: the tiny UNet (32x32, blocks at 32 and 16) with no attention in the down path, all of it in the up path
-    assert run("--out", tmp_path / "up", "--unet-attn-side", "8,32", "--stop-at", 1).returncode == 0
-    c = M.MMInterleaved.from_checkpoint(tmp_path / "up")[0].cfg.unet
+    c = one_step(tmp_path / "up", "--unet-attn-side", "8,32").cfg.unet
     assert c.down_block_types == ("DownBlock2D",) * 2 and c.up_block_types == ("CrossAttnUpBlock2D",) * 2
 
 
 def test_unet_layers_flag_reaches_the_checkpoint(tmp_path):
     refused(tmp_path / "bad", "--unet-layers", 0, says="--unet-layers")
-    out = tmp_path / "l2"
-    assert run("--out", out, "--unet-layers", 2, "--stop-at", 1).returncode == 0
-    net, _ = M.MMInterleaved.from_checkpoint(out)
+    net = one_step(tmp_path / "l2", "--unet-layers", 2)
     assert net.cfg.unet.layers_per_block == 2 != M.preset("tiny").unet.layers_per_block
     # the blocks really hold two ResNets (the up blocks one more, as in diffusers), not just the config's number
     assert [len(b.resnets) for b in net.unet.down_blocks] == [2] * len(net.unet.down_blocks)
@@ -231,9 +234,7 @@ def test_stratified_timesteps_flag_reaches_the_checkpoint_and_changes_the_run(tm
 
 def test_noise_draws_t2i_flag_reaches_the_checkpoint(tmp_path):
     refused(tmp_path / "bad", "--noise-draws-t2i", -1, says="--noise-draws-t2i")
-    out = tmp_path / "t2i3"
-    assert run("--out", out, "--noise-draws-t2i", 3, "--stop-at", 1).returncode == 0
-    cfg = M.MMInterleaved.from_checkpoint(out)[0].cfg
+    cfg = one_step(tmp_path / "t2i3", "--noise-draws-t2i", 3).cfg
     assert (cfg.noise_draws, cfg.noise_draws_t2i) == (M.preset("tiny").noise_draws, 3)
 
 
@@ -241,9 +242,8 @@ def test_mmfs_first_layer_flag_reaches_the_checkpoint(tmp_path):
     for bad, says in (("-1", ">= 0"), ("2", "layers 0 to 1")):  # the tiny LLM has 2 layers
         refused(tmp_path / "bad", f"--mmfs-first-layer={bad}", says=says)
     refused(tmp_path / "bad", "--mmfs-first-layer", 1, "--no-mmfs", says="--no-mmfs")
-    out = tmp_path / "first1"  # the tiny LLM has MMFS in every layer: from layer 1 on, only layer 1 keeps one
-    assert run("--out", out, "--mmfs-first-layer", 1, "--stop-at", 1).returncode == 0
-    net, _ = M.MMInterleaved.from_checkpoint(out)
+    # the tiny LLM has MMFS in every layer: from layer 1 on, only layer 1 keeps one
+    net = one_step(tmp_path / "first1", "--mmfs-first-layer", 1)
     assert net.cfg.llm.mmfs_first == 1
     assert [layer.llama_cross_attn is not None for layer in net.llm.model.layers] == [False, True]
 
@@ -251,9 +251,7 @@ def test_mmfs_first_layer_flag_reaches_the_checkpoint(tmp_path):
 def test_mmfs_points_flag_reaches_the_checkpoint(tmp_path):
     for bad in (("--mmfs-points", "0"), ("--mmfs-points", "2", "--no-mmfs")):
         refused(tmp_path / "bad", *bad, says="--mmfs-points")
-    out = tmp_path / "p3"
-    assert run("--out", out, "--mmfs-points", 3, "--stop-at", 1).returncode == 0
-    net, _ = M.MMInterleaved.from_checkpoint(out)
+    net = one_step(tmp_path / "p3", "--mmfs-points", 3)
     c = net.cfg.llm
     assert c.mmfs_points == 3 != M.preset("tiny").llm.mmfs_points
     attn = net.llm.model.layers[0].llama_cross_attn.attn  # offsets: one (x, y) per head and point
@@ -262,9 +260,7 @@ def test_mmfs_points_flag_reaches_the_checkpoint(tmp_path):
 
 def test_spm_width_flag_reaches_the_checkpoint(tmp_path):
     refused(tmp_path / "bad", "--spm-width", 0, says="--spm-width 0")
-    out = tmp_path / "w12"
-    assert run("--out", out, "--spm-width", 12, "--stop-at", 1).returncode == 0
-    net, _ = M.MMInterleaved.from_checkpoint(out)
+    net = one_step(tmp_path / "w12", "--spm-width", 12)
     assert net.cfg.vit.conv_inplane == 12 != M.preset("tiny").vit.conv_inplane
     spm = net.vit.adapter_spm  # the stem 12 wide, then 2x and 4x deeper
     assert (spm.stem[0].out_channels, spm.conv2[0].out_channels, spm.conv3[0].out_channels) == (12, 24, 48)
