@@ -97,6 +97,8 @@ g.add_argument("--mmfs-points", type=int, metavar="P", help="sampling points per
 g.add_argument("--spm-width", type=int, metavar="C", help="stem width of the ViT-Adapter's spatial prior module, "
                "the conv net that gives the pyramid its shapes (the small recipe: 16; the paper: 64, then 128 and 256 "
                "deeper)")
+g.add_argument("--llm-levels", metavar="S[,S...]", help="the pyramid levels the LLM's MMFS reads, by map side, "
+               "largest first (the small recipe: 16,8,4; 16,8 keeps it off the 4x4 map)")
 g.add_argument("--prediction-type", choices=["v_prediction", "sample", "epsilon"], help="what the UNet predicts "
                "(the small recipe: v_prediction; sample = x0). Saved in the checkpoint, so sampling follows it")
 g.add_argument("--first-frame-prob", metavar="P", help="share of training documents that are a story's first frame "
@@ -181,6 +183,18 @@ if args.mmfs_points is not None and (args.paper or args.no_mmfs or args.mmfs_poi
 if args.spm_width is not None and (args.paper or args.spm_width < 1):
     fail(f"--spm-width {args.spm_width}: " + ("the paper model keeps the authors' 64" if args.paper else
                                               "at least 1 channel"))
+llm_levels = None
+if args.llm_levels is not None:
+    sides = M.preset(preset_name).vit.pyramid_sizes
+    try:
+        llm_levels = [int(x) for x in args.llm_levels.split(",")]
+    except ValueError:
+        llm_levels = []
+    if args.paper or args.no_mmfs or not llm_levels or any(x not in sides for x in llm_levels) \
+            or llm_levels != sorted(set(llm_levels), reverse=True):
+        fail(f"--llm-levels {args.llm_levels}: " + ("the paper model keeps the authors' levels" if args.paper else
+             "--no-mmfs has no MMFS blocks" if args.no_mmfs else
+             f"distinct sides of the {preset_name} pyramid {sides}, largest first"))
 if args.first_frame_prob is not None:
     if args.paper or args.data:
         fail(f"--first-frame-prob {args.first_frame_prob}: a ShapeStories recipe's mix; --paper and --data read "
@@ -222,7 +236,7 @@ try:
                         mmfs_max_side=args.mmfs_max_side, unet_attn_side=args.unet_attn_side,
                         unet_layers=args.unet_layers,
                         mmfs_first_layer=args.mmfs_first_layer, mmfs_points=args.mmfs_points,
-                        spm_width=args.spm_width,
+                        spm_width=args.spm_width, llm_levels=llm_levels,
                         data=args.data, seed=args.seed, ema_also=sorted(set(args.ema_also or [])),
                         **settings_mix,
                         parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
@@ -295,6 +309,8 @@ else:
         cfg.llm = dataclasses.replace(cfg.llm, mmfs_points=S.mmfs_points)
     if getattr(S, "spm_width", None) is not None:
         cfg.vit = dataclasses.replace(cfg.vit, conv_inplane=S.spm_width)
+    if getattr(S, "llm_levels", None) is not None:
+        cfg.llm = dataclasses.replace(cfg.llm, mmfs_levels=tuple(S.llm_levels))
     if getattr(S, "unet_layers", None) is not None:
         cfg.unet = dataclasses.replace(cfg.unet, layers_per_block=S.unet_layers)
     if getattr(S, "unet_attn_side", None) is not None:  # [N] or [N, M]

@@ -266,6 +266,18 @@ def test_spm_width_flag_reaches_the_checkpoint(tmp_path):
     assert (spm.stem[0].out_channels, spm.conv2[0].out_channels, spm.conv3[0].out_channels) == (12, 24, 48)
 
 
+def test_llm_levels_flag_reaches_the_checkpoint(tmp_path):
+    for bad in ("3", "2,4", "4,4", "x", ""):  # not a side of the tiny pyramid (16, 8, 4, 2); order; repeat; not ints
+        refused(tmp_path / "bad", "--llm-levels", bad, says=f"--llm-levels {bad}")
+    refused(tmp_path / "bad", "--llm-levels", 4, "--no-mmfs", says="--no-mmfs has no MMFS")
+    net = one_step(tmp_path / "l4", "--llm-levels", 4)  # the tiny LLM reads (4, 2); here only the 4x4 map
+    c = net.cfg.llm
+    assert c.mmfs_levels == (4,) != M.preset("tiny").llm.mmfs_levels
+    attn = net.llm.model.layers[0].llama_cross_attn.attn  # one level: heads x 1 x (points + sink) logits
+    assert attn.n_levels == 1 and attn.spatial_shapes == [(4, 4)]
+    assert attn.attention_weights.out_features == c.mmfs_heads * 1 * (c.mmfs_points + 1)
+
+
 def test_first_frame_prob_flag_changes_the_batches_and_survives_resume(full_run, tmp_path):
     for bad in (("--first-frame-prob", "1.5"), ("--first-frame-prob", "most"), ("--first-frame-prob", "nan"),
                 ("--first-frame-prob", "0.5", "--data", "x.jsonl")):
