@@ -1,7 +1,8 @@
 """The bench scripts' CPU helpers run (no timing is asserted): bench_mmfs.py once lost its CPU path's functions when
 its CUDA path was added, and nothing noticed until it was next run. probe_features.py's fit and sampling are checked
 against what they claim to compute, and its --parts maps are laid out as the image is;
-probe_caption_paths.py's switches remove exactly the MMFS blocks and its weight shares are shares."""
+probe_caption_paths.py's switches remove exactly the MMFS blocks, its weight shares are shares, and its pins move
+one block's points at the given states only."""
 import torch
 import torch.nn.functional as F
 
@@ -9,7 +10,7 @@ import data
 import model as M
 import vit as vit_lib
 from bench.bench_mmfs import MASKED_LLM, fused_reading_all, make_inputs, measure_in_subprocess
-from bench.probe_caption_paths import gates_off, level_shares, mmfs_blocks
+from bench.probe_caption_paths import gates_off, level_shares, mmfs_blocks, pinned, shape_positions, shape_reads
 from bench.probe_features import adapter_parts, first_frames, linear_probe, object_features
 from kernels.msda import msda_fused
 
@@ -143,3 +144,39 @@ def test_level_shares_are_per_head_shares_of_the_decoding_steps(tiny_checkpoint)
         assert w.shape == (cfg.mmfs_heads, len(cfg.mmfs_levels) + 1) and (w >= 0).all()
         torch.testing.assert_close(w.sum(-1), torch.ones(cfg.mmfs_heads, dtype=w.dtype))
     assert not any("sampling" in vars(b.attn) for b in mmfs_blocks(net))  # the class's method again on exit
+
+
+def test_pinned_moves_one_blocks_points_at_the_given_states_only(tiny_checkpoint):
+    """probe_caption_paths.py: shape_positions finds the states whose next word is an object's shape; pinning the
+    last block there puts all its points on the target, changes the LLM's state there and none before it (the LLM
+    is causal), and the patch goes on exit."""
+    net, tok = M.MMInterleaved.from_checkpoint(tiny_checkpoint)
+    K, size = net.cfg.num_image_tokens, net.cfg.image_size
+    blocks = mmfs_blocks(net)
+    for b in blocks:
+        b.gate.data.fill_(0.5)  # a two-step checkpoint's gates are still near 0
+    stories = [data.make_story("eval", 0, i, size) for i in range(8)]
+    story, (ids, found) = next((s, f) for s in stories if len((f := shape_positions(tok, s, K))[1]) >= 2)
+    for pos, obj, cand, true in found:  # the words after each state begin with its object's shape
+        assert tok.decode(ids[pos + 1:].tolist()).strip().startswith(obj.shape)
+        assert int(cand[true]) == int(ids[pos + 1])
+    pos = found[1][0]
+    image = data.to_tensor(story.images[0])[None]
+    attn = blocks[-1].attn
+    caught = {}
+    hook = attn.register_forward_pre_hook(lambda m, a: caught.setdefault("args", a))
+    with torch.no_grad():
+        base = net.hidden_states(ids[None], image, [1])[0][0]                            # (T, dim)
+        with pinned(net, len(blocks) - 1, {pos: (0.1, 0.9)}):
+            moved = net.hidden_states(ids[None], image, [1])[0][0]
+            q, ref, _, mask = caught["args"]
+            loc = attn.sampling(q, ref, mask.bool())[0]                                   # (1, T, M, n·L, P, 2)
+    hook.remove()
+    torch.testing.assert_close(loc[:, pos], torch.tensor([0.1, 0.9]).expand_as(loc[:, pos]), rtol=0, atol=0)
+    assert not torch.equal(loc[:, pos - 1], loc[:, pos])
+    torch.testing.assert_close(moved[:pos], base[:pos], rtol=0, atol=0)
+    assert (moved[pos] - base[pos]).abs().max() > 1e-5
+    assert "sampling" not in vars(attn)
+    reads, count = shape_reads(net, tok, stories)
+    assert count >= len(found) and set(reads) == {"as trained", "on the object", "on another object"}
+    assert all(0 <= r <= 1 for r in reads.values())
