@@ -108,7 +108,8 @@ def shape_positions(tok, story, k):
     with three different tokens after the same prefix are left out."""
     sentence = story.sentences[0]
     words = sentence.rstrip(".").split()  # commas stay on their words, as they are tokens
-    ids = [tok.bos_id] + tok.image_tokens(k) + tok.encode(sentence, bos=False)
+    caption = tok.encode(sentence, bos=False)
+    ids = [tok.bos_id] + tok.image_tokens(k) + caption
     starts = [i for i, w in enumerate(words) if w == "a"]  # "a SIZE COLOUR SHAPE at the PLACE", in order
     found = []
     for obj, a in zip(story.objects[0], starts):
@@ -117,7 +118,7 @@ def shape_positions(tok, story, k):
         if any(n[:len(prefix)] != prefix or len(n) == len(prefix) for n in nexts):
             continue
         cand = torch.tensor([n[len(prefix)] for n in nexts])
-        pos = len(ids) - len(tok.encode(sentence, bos=False)) + len(prefix) - 1  # the prefix's last token
+        pos = len(ids) - len(caption) + len(prefix) - 1  # the prefix's last token
         if len(set(cand.tolist())) == 3 and ids[pos + 1] == int(cand[data.SHAPES.index(obj.shape)]):
             found.append((pos, obj, cand, data.SHAPES.index(obj.shape)))
     return torch.tensor(ids), found

@@ -57,6 +57,7 @@ import data  # noqa: E402
 import llm  # noqa: E402
 import eval as evaluate  # noqa: E402
 import model as M  # noqa: E402
+from bench.probe_caption_paths import shape_positions  # noqa: E402
 
 VARIANTS = ("mmfs", "qformer", "qformer+pooled", "pixels", "stem32", "c1s2", "c1s2+stem32", "p8", "every1")
 
@@ -147,13 +148,9 @@ def aim(net, tok, stories, k, radius=4.0):
     try:
         with torch.no_grad():
             for s in stories:
-                words = s.sentences[0].rstrip(".").split()  # commas stay on their words, as they are tokens
-                ids = [tok.bos_id] + tok.image_tokens(k) + tok.encode(s.sentences[0], bos=False)
-                net.hidden_states(torch.tensor([ids]), data.image_tensor(s.images[0], size)[None], [1])
-                starts = [i for i, w in enumerate(words) if w == "a"]  # "a SIZE COLOUR SHAPE at the PLACE", in order
-                for o, a in zip(s.objects[0], starts):
-                    # <s>, <BoI>, K placeholders, then "... a SIZE COLOUR": the state there predicts SHAPE
-                    pos = k + 1 + len(tok.encode(" ".join(words[:a + 3]), bos=False))
+                ids, found = shape_positions(tok, s, k)  # the states that predict each object's SHAPE
+                net.hidden_states(ids[None], data.image_tensor(s.images[0], size)[None], [1])
+                for pos, o, _, _ in found:
                     for i, m in enumerate(layers):
                         q, ref, _, mask = inputs[i]
                         loc, w, _ = m.attn.sampling(q[:, pos:pos + 1], ref, mask[:, pos:pos + 1].bool())
