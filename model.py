@@ -81,6 +81,12 @@ class MMConfig:
     # tokens behind it makes a word's state hold its phrase ("red" is 5 tokens before "left"), which the condition
     # then carries (EXPERIMENTS.md: "What binds"). 0: off, as the authors
     back_tokens: int = 0
+    # an experiment, off in every preset: each LLM state also names the `ahead_tokens` tokens after the next one (one
+    # linear head per offset: multi-token prediction, Gloeckle et al. 2024; the mean of their cross-entropies over the
+    # text loss's targets, within a document, weighted as the text loss). A caption names an object's shape before
+    # its place ("a big red circle at the top left."): a state that must also name the place ahead has to find the
+    # object before the shape word, which is where the LLM's last MMFS block should read (EXPERIMENTS.md). 0: off
+    ahead_tokens: int = 0
     # small recipe: the UNet's cross-attention also reads the `direct_context` context states nearest <BoI> (as the
     # decoder reads them: projected, + their 1-D positions; then direct_proj; zero past the segment start), next to
     # the decoder Q-Former's tokens. Alone it gains little; with back_tokens it carries the bound phrases the
@@ -255,6 +261,9 @@ class MMInterleaved(nn.Module):
         # back_heads[j - 1] reads state i and names token i - j (training only; PyTorch's default init)
         self.back_heads = (nn.ModuleList(nn.Linear(c.llm.dim, c.llm.vocab_size) for _ in range(c.back_tokens))
                            if c.back_tokens else None)
+        # ahead_heads[j - 1] reads state i and names token i + 1 + j (training only; PyTorch's default init)
+        self.ahead_heads = (nn.ModuleList(nn.Linear(c.llm.dim, c.llm.vocab_size) for _ in range(c.ahead_tokens))
+                            if c.ahead_tokens else None)
         self.direct_proj = nn.Linear(c.llm.dim, c.decoder.hidden_size) if c.direct_context else None
         self.apply_freezing()
 
@@ -476,6 +485,7 @@ class MMInterleaved(nn.Module):
         ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         n_txt = int((labels != -100).sum())
         back = self.back_loss(tokens, h) if self.back_heads is not None else h.sum() * 0
+        ahead = self.ahead_loss(tokens, labels, h) if self.ahead_heads is not None else h.sum() * 0
 
         rows, cols, start, prev = self.image_index(tokens, images_per_row)
         n_img = int(rows.numel())
@@ -511,10 +521,11 @@ class MMInterleaved(nn.Module):
         tot_txt, tot_img = counts if counts is not None else (n_txt, n_img)
         loss_txt = ce / max(tot_txt, 1)
         loss_back = back / max(tot_txt, 1)  # per text target, as loss_txt, so DDP ranks add up to the global mean
+        loss_ahead = ahead / max(tot_txt, 1)
         loss_img = mse / max(tot_img, 1)  # mean over the images of each one's mean over its draws, masked ones included
-        loss = c.loss_txt_weight * (loss_txt + loss_back) + c.loss_img_weight * loss_img
-        return dict(loss=loss, loss_txt=loss_txt.detach(), loss_back=loss_back.detach(), loss_img=loss_img.detach(),
-                    n_txt=n_txt, n_img=n_img)
+        loss = c.loss_txt_weight * (loss_txt + loss_back + loss_ahead) + c.loss_img_weight * loss_img
+        return dict(loss=loss, loss_txt=loss_txt.detach(), loss_back=loss_back.detach(),
+                    loss_ahead=loss_ahead.detach(), loss_img=loss_img.detach(), n_txt=n_txt, n_img=n_img)
 
     def back_loss(self, tokens, h):
         """MMConfig.back_tokens: state i names token i - j for j = 1..N -> the summed cross-entropy over every
@@ -527,6 +538,20 @@ class MMInterleaved(nn.Module):
             total = total + F.cross_entropy(logits.float().flatten(0, 1), tgt.masked_fill(bad, -100).flatten(),
                                             ignore_index=-100, reduction="sum")
         return total / len(self.back_heads)
+
+    def ahead_loss(self, tokens, labels, h):
+        """MMConfig.ahead_tokens: state i names token i + 1 + j for j = 1..N -> the summed cross-entropy over every
+        (state, offset) whose target the text loss counts (labels (B, T-1), -100 = ignored) and lies in the state's
+        own document (no <s> between them), / N."""
+        doc = (tokens == self.cfg.ids["bos"]).cumsum(1)                                   # (B, T) document index
+        total = 0
+        for j, head in enumerate(self.ahead_heads, 1):
+            tgt = labels[:, j:]                                                            # (B, T-1-j): token i+1+j
+            tgt = tgt.masked_fill(doc[:, :-1 - j] != doc[:, 1 + j:], -100)                 # not across documents
+            logits = head(h[:, :-1 - j])                                                   # (B, T-1-j, V)
+            total = total + F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100,
+                                            reduction="sum")
+        return total / len(self.ahead_heads)
 
     # ---------------------------------------------------------------------------------------------- generation
 

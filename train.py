@@ -99,6 +99,8 @@ g.add_argument("--spm-width", type=int, metavar="C", help="stem width of the ViT
                "deeper)")
 g.add_argument("--llm-levels", metavar="S[,S...]", help="the pyramid levels the LLM's MMFS reads, by map side, "
                "largest first (the small recipe: 16,8,4; 16,8 keeps it off the 4x4 map)")
+g.add_argument("--ahead-tokens", type=int, metavar="N", help="experiment: each LLM state also names the N tokens "
+               "after its next one (multi-token prediction heads, a training-only loss; 0: off, the recipes)")
 g.add_argument("--prediction-type", choices=["v_prediction", "sample", "epsilon"], help="what the UNet predicts "
                "(the small recipe: v_prediction; sample = x0). Saved in the checkpoint, so sampling follows it")
 g.add_argument("--first-frame-prob", metavar="P", help="share of training documents that are a story's first frame "
@@ -183,6 +185,9 @@ if args.mmfs_points is not None and (args.paper or args.no_mmfs or args.mmfs_poi
 if args.spm_width is not None and (args.paper or args.spm_width < 1):
     fail(f"--spm-width {args.spm_width}: " + ("the paper model keeps the authors' 64" if args.paper else
                                               "at least 1 channel"))
+if args.ahead_tokens is not None and (args.paper or args.ahead_tokens < 0):
+    fail(f"--ahead-tokens {args.ahead_tokens}: " + ("the paper model has the authors' text loss only" if args.paper
+                                                    else "a number of tokens >= 0 (0: off)"))
 llm_levels = None
 if args.llm_levels is not None:
     sides = M.preset(preset_name).vit.pyramid_sizes
@@ -236,7 +241,7 @@ try:
                         mmfs_max_side=args.mmfs_max_side, unet_attn_side=args.unet_attn_side,
                         unet_layers=args.unet_layers,
                         mmfs_first_layer=args.mmfs_first_layer, mmfs_points=args.mmfs_points,
-                        spm_width=args.spm_width, llm_levels=llm_levels,
+                        spm_width=args.spm_width, llm_levels=llm_levels, ahead_tokens=args.ahead_tokens,
                         data=args.data, seed=args.seed, ema_also=sorted(set(args.ema_also or [])),
                         **settings_mix,
                         parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
@@ -311,6 +316,8 @@ else:
         cfg.vit = dataclasses.replace(cfg.vit, conv_inplane=S.spm_width)
     if getattr(S, "llm_levels", None) is not None:
         cfg.llm = dataclasses.replace(cfg.llm, mmfs_levels=tuple(S.llm_levels))
+    if getattr(S, "ahead_tokens", None) is not None:
+        cfg = dataclasses.replace(cfg, ahead_tokens=S.ahead_tokens)
     if getattr(S, "unet_layers", None) is not None:
         cfg.unet = dataclasses.replace(cfg.unet, layers_per_block=S.unet_layers)
     if getattr(S, "unet_attn_side", None) is not None:  # [N] or [N, M]
@@ -468,7 +475,8 @@ for step in range(start, stop):
     with autocast:
         res = model(tokens, images, batch["images_per_row"], generator=gens, counts=counts)
     (res["loss"] * world).backward()
-    logged = torch.stack([res["loss"].detach(), res["loss_txt"], res["loss_back"], res["loss_img"]]).float()
+    logged = torch.stack([res["loss"].detach(), res["loss_txt"], res["loss_back"], res["loss_ahead"],
+                          res["loss_img"]]).float()
     if ddp:
         dist.all_reduce(logged)
     if not torch.isfinite(logged).all():  # stop before the update: the last checkpoint stays the last good one
@@ -489,13 +497,15 @@ for step in range(start, stop):
     if master and (done % S.log_every == 0 or done == stop):
         elapsed = time.time() - t0
         rate = (done - start) / elapsed
-        loss, lt, lb, li = logged.tolist()
-        metrics.write(json.dumps(dict(step=step, loss=loss, loss_txt=lt, loss_back=lb, loss_img=li,
+        loss, lt, lb, la, li = logged.tolist()
+        ahead = dict(loss_ahead=la) if cfg.ahead_tokens else {}
+        metrics.write(json.dumps(dict(step=step, loss=loss, loss_txt=lt, loss_back=lb, **ahead, loss_img=li,
                                       lr=opt.param_groups[0]["lr"], grad_norm=grad_norm,
                                       elapsed_s=round(elapsed, 2))) + "\n")
         metrics.flush()
         eta = (stop - done) / rate
-        print(f"\rstep {done}/{S.steps} | loss {loss:.4f} (txt {lt:.3f}, back {lb:.3f}, img {li:.4f}) | "
+        terms = f"txt {lt:.3f}, back {lb:.3f}, " + (f"ahead {la:.3f}, " if cfg.ahead_tokens else "")
+        print(f"\rstep {done}/{S.steps} | loss {loss:.4f} ({terms}img {li:.4f}) | "
               f"{rate:.2f} steps/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s", end="" if sys.stderr.isatty() else "\n",
               file=sys.stderr, flush=True)
     if done % S.save_every == 0 or done == stop:

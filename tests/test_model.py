@@ -219,6 +219,44 @@ def test_back_loss_names_the_tokens_before_each_state():
     assert tiny(back_tokens=0)(tokens, images, per_row)["loss_back"].item() == 0.0  # off: nothing added
 
 
+def test_ahead_loss_names_the_tokens_after_the_next_within_a_document():
+    """MMConfig.ahead_tokens: state i names token i + 1 + j, wherever the text loss counts that token as a target and
+    no <s> (a packed document's start) lies between them; per text target, averaged over the offsets, added with the
+    text loss's weight."""
+    net = tiny(ahead_tokens=2)
+    r0 = [BOS, 10, 11] + image_run() + [12, EOS, BOS, 13, 14, 15, EOS]  # two documents packed in one row
+    r1 = [BOS, 16, BOI] + [IMG] * K + [17, EOS]
+    tokens, images, per_row = batch_of([r0, r1])
+    out = net(tokens, images, per_row, generator=torch.Generator().manual_seed(0))
+    labels = net.text_labels(tokens)
+    with torch.no_grad():
+        h, _ = net.hidden_states(tokens, images, per_row)
+        total, pairs = 0.0, []
+        for j in (1, 2):
+            for b, row in enumerate([r0, r1]):
+                for i in range(len(row) - 1 - j):
+                    tgt = row[i + 1 + j]
+                    if labels[b, i + j] == -100 or BOS in row[i + 1:i + 2 + j]:
+                        continue
+                    logp = torch.log_softmax(net.ahead_heads[j - 1](h[b, i]).double(), -1)
+                    total = total - logp[tgt].item()
+                    pairs.append((j, b, i, tgt))
+    second = 3 + len(image_run()) + 2                                   # r0's second <s>
+    assert (1, 0, 0, 11) in pairs and (2, 0, 0, BOI) in pairs          # the first <s> names 11 (j = 1), <BoI> (j = 2)
+    assert not any(b == 0 and tgt == 13 and i < second for _, b, i, tgt in pairs)  # nothing names 13 across its <s>
+    assert (1, 0, second, 14) in pairs and (2, 0, second, 15) in pairs  # its own <s> names 14 and 15
+    assert not any(tgt in (IMG, PAD) for *_, tgt in pairs)
+    n_txt = int((labels != -100).sum())
+    assert out["loss_ahead"].item() == pytest.approx(total / 2 / n_txt, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(out["loss_txt"].item() + out["loss_back"].item()
+                                               + out["loss_ahead"].item()
+                                               + net.cfg.loss_img_weight * out["loss_img"].item(), rel=1e-5)
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.ahead_heads.parameters())
+    off = tiny()(tokens, images, per_row, generator=torch.Generator().manual_seed(0))
+    assert off["loss_ahead"].item() == 0.0 and tiny().ahead_heads is None  # off (every preset): nothing added
+
+
 def test_skipping_segment_opening_images_keeps_the_loss():
     """The UNet runs only on images that count; the loss equals the UNet on every image with the others weighted 0,
     since the draws are made for every image first."""

@@ -1,5 +1,6 @@
 """train.py end to end on the tiny preset: checkpoint files, exact resume, NaN stop, bad resume, DDP = one process."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -276,6 +277,14 @@ def test_llm_levels_flag_reaches_the_checkpoint(tmp_path):
     attn = net.llm.model.layers[0].llama_cross_attn.attn  # one level: heads x 1 x (points + sink) logits
     assert attn.n_levels == 1 and attn.spatial_shapes == [(4, 4)]
     assert attn.attention_weights.out_features == c.mmfs_heads * 1 * (c.mmfs_points + 1)
+
+
+def test_ahead_tokens_flag_reaches_the_checkpoint_and_the_metrics(tmp_path):
+    refused(tmp_path / "bad", "--ahead-tokens", -1, says="--ahead-tokens -1")
+    net = one_step(tmp_path / "a2", "--ahead-tokens", 2)
+    assert net.cfg.ahead_tokens == 2 and len(net.ahead_heads) == 2 and M.preset("tiny").ahead_tokens == 0
+    row = json.loads((tmp_path / "a2" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["loss_ahead"] > 0 and math.isfinite(row["loss_ahead"])
 
 
 def test_first_frame_prob_flag_changes_the_batches_and_survives_resume(full_run, tmp_path):
