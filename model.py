@@ -177,6 +177,12 @@ def without_mmfs(cfg):
     return cfg
 
 
+def ce_sum(logits, targets):
+    """Summed cross-entropy of logits (..., V) against targets (...) in float32; -100 targets are skipped. The text
+    losses are sums, divided by the global count of text targets, so that DDP ranks add up to the global mean."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-100, reduction="sum")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the model
 
@@ -482,7 +488,7 @@ class MMInterleaved(nn.Module):
         h, pyramid = self.hidden_states(tokens, images, images_per_row)                   # (B, T, dim), [...]
         labels = self.text_labels(tokens)                                                  # (B, T-1)
         logits = self.logits(h[:, :-1])                                                    # (B, T-1, V)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        ce = ce_sum(logits, labels)
         n_txt = int((labels != -100).sum())
         back = self.back_loss(tokens, h) if self.back_heads is not None else h.sum() * 0
         ahead = self.ahead_loss(tokens, labels, h) if self.ahead_heads is not None else h.sum() * 0
@@ -535,8 +541,7 @@ class MMInterleaved(nn.Module):
             tgt = tokens[:, :-j]                                                           # (B, T-j)
             bad = (tgt == ids["pad"]) | (tgt == ids["image"]) | (tokens[:, j:] == ids["pad"])
             logits = head(h[:, j:])                                                        # (B, T-j, V)
-            total = total + F.cross_entropy(logits.float().flatten(0, 1), tgt.masked_fill(bad, -100).flatten(),
-                                            ignore_index=-100, reduction="sum")
+            total = total + ce_sum(logits, tgt.masked_fill(bad, -100))
         return total / len(self.back_heads)
 
     def ahead_loss(self, tokens, labels, h):
@@ -549,8 +554,7 @@ class MMInterleaved(nn.Module):
             tgt = labels[:, j:]                                                            # (B, T-1-j): token i+1+j
             tgt = tgt.masked_fill(doc[:, :-1 - j] != doc[:, 1 + j:], -100)                 # not across documents
             logits = head(h[:, :-1 - j])                                                   # (B, T-1-j, V)
-            total = total + F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100,
-                                            reduction="sum")
+            total = total + ce_sum(logits, tgt)
         return total / len(self.ahead_heads)
 
     # ---------------------------------------------------------------------------------------------- generation
