@@ -4,6 +4,7 @@
     python train.py --tiny --out /tmp/t         # seconds: a smoke test
     python train.py --small --no-mmfs --out out/small-no-mmfs   # the ablation eval.py --compare reads
     python train.py --small --resume            # continue an interrupted run exactly
+    python train.py --small --procs 1           # one process (on a CPU --small starts one per core by itself)
     torchrun --nproc_per_node 2 train.py --small                # DDP (nccl on GPUs, gloo on CPUs)
     torchrun --nproc_per_node 8 train.py --paper --clip CLIP --llm VICUNA --sd SD21 --data docs.jsonl  # real sizes
 
@@ -99,8 +100,8 @@ g.add_argument("--spm-width", type=int, metavar="C", help="stem width of the ViT
                "deeper)")
 g.add_argument("--llm-levels", metavar="S[,S...]", help="the pyramid levels the LLM's MMFS reads, by map side, "
                "largest first (the small recipe: 16,8,4; 16,8 keeps it off the 4x4 map)")
-g.add_argument("--ahead-tokens", type=int, metavar="N", help="experiment: each LLM state also names the N tokens "
-               "after its next one (multi-token prediction heads, a training-only loss; 0: off, the recipes)")
+g.add_argument("--ahead-tokens", type=int, metavar="N", help="each LLM state also names the N tokens after its next "
+               "one (multi-token prediction heads, a training-only loss; the small recipe: 4; 0: off)")
 g.add_argument("--prediction-type", choices=["v_prediction", "sample", "epsilon"], help="what the UNet predicts "
                "(the small recipe: v_prediction; sample = x0). Saved in the checkpoint, so sampling follows it")
 g.add_argument("--first-frame-prob", metavar="P", help="share of training documents that are a story's first frame "
@@ -128,11 +129,59 @@ g.add_argument("--resume", action="store_true", help="continue the run in --out 
 g.add_argument("--save-every", type=int, help="checkpoint every N steps (and at the end)")
 g.add_argument("--stop-at", type=int, help="stop with a checkpoint after this step, as an interruption would")
 g.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+g.add_argument("--procs", type=int, metavar="N", help="CPU only: train as N one-thread processes, each on 1/N of the "
+               "batch (DDP over gloo, as torchrun would start them). Default: --small on a CPU takes the largest "
+               "divisor of its batch not above torch's thread count (2 on a 2-core machine); anything else 1")
 args = ap.parse_args()
 
 
 def fail(msg):
     sys.exit(f"train.py: error: {msg}")
+
+
+def launch(n, threads):
+    """Run this same command as n DDP processes of `threads` threads each, as `torchrun --standalone` would, and exit
+    with their status. Rank 0 prints as usual; another rank's output is shown only if that rank fails first."""
+    import signal
+    import socket
+    import subprocess
+    import tempfile
+    with socket.socket() as s:  # a free local port for gloo's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs = [tempfile.TemporaryFile() for _ in range(n)]  # rank r > 0's stderr, read back only if it fails
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # killed: stop the workers too (below)
+    procs = []
+    for r in range(n):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+        procs.append(subprocess.Popen([sys.executable, *sys.argv], env=env, stdout=None if r == 0 else
+                                      subprocess.DEVNULL, stderr=None if r == 0 else logs[r]))
+    try:
+        while True:  # until all succeed or one fails: then the others would wait in a collective forever
+            codes = [p.poll() for p in procs]
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed or all(c == 0 for c in codes):
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:  # Ctrl-C reaches the workers too (one process group); a SIGTERM does not
+        failed, codes = [0], [130] * n
+    if failed and failed[0] > 0:  # another rank may only have lost rank 0, which is failing with the reason
+        try:
+            codes[0] = procs[0].wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+        p.wait()
+    if not failed:
+        sys.exit(0)
+    if failed[0] > 0:  # rank 0 printed nothing about it: show the rank's own error
+        logs[failed[0]].seek(0)
+        sys.stderr.write(logs[failed[0]].read().decode(errors="replace"))
+    sys.exit(codes[failed[0]])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,6 +301,20 @@ try:
 except (weights.WeightsError, KeyError) as e:
     fail(f"{state_file}: not a readable training state ({e})")
 S = argparse.Namespace(**settings)
+
+# on a CPU, processes instead of threads: the small model's operators are too small to keep 2 threads busy, and on
+# 2 cores two one-thread DDP processes, a row each, take 0.88 of the step of one 2-thread process (bench_procs.py)
+if not ddp and device == "cpu":
+    cores = torch.get_num_threads()  # torch's default: the physical cores (or OMP_NUM_THREADS)
+    n_procs = args.procs if args.procs is not None else 1 if S.model != "small" else \
+        max(d for d in range(1, min(cores, S.batch_size) + 1) if S.batch_size % d == 0)
+    if n_procs < 1 or S.batch_size % n_procs:
+        fail(f"--procs {n_procs}: " + ("at least 1 process" if n_procs < 1 else
+                                       f"the batch of {S.batch_size} sequences does not split into {n_procs} parts"))
+    if n_procs > 1:
+        launch(n_procs, max(1, cores // n_procs))  # never returns
+elif not ddp and args.procs not in (None, 1):
+    fail("--procs is for CPUs; on GPUs start one process per GPU with torchrun --nproc_per_node N")
 if S.batch_size % world:
     fail(f"--batch-size {S.batch_size} is not divisible by the {world} ranks")
 
@@ -261,15 +324,19 @@ if S.batch_size % world:
 tok_path = out / "tokenizer.model"
 parts = getattr(S, "parts", None)  # the paper preset: the pretrained LLM's tokenizer, copied into the run
 if master and not args.resume:
-    out.mkdir(parents=True, exist_ok=True)
     if parts:
         src = Path(parts["llm"]) / "tokenizer.model"
         if not src.is_file():
             fail(f"{src}: not found (the --llm directory needs its sentencepiece tokenizer.model)")
+        out.mkdir(parents=True, exist_ok=True)
         weights.atomic_write_bytes(tok_path, src.read_bytes())
     else:
-        texts = (data.story_corpus(S.corpus, S.seed) if not S.data else
-                 [s["text"] for doc in data.read_jsonl(S.data) for s in doc if "text" in s])
+        try:  # a bad --data file stops here with its one-line error, before anything is written
+            texts = (data.story_corpus(S.corpus, S.seed) if not S.data else
+                     [s["text"] for doc in data.read_jsonl(S.data) for s in doc if "text" in s])
+        except ValueError as e:
+            fail(str(e))
+        out.mkdir(parents=True, exist_ok=True)
         tmp = llm.Tokenizer.train(texts, out / "tokenizer.tmp", S.vocab)
         os.replace(tmp.path, tok_path)
         (out / "tokenizer.tmp.vocab").unlink(missing_ok=True)

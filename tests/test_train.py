@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,39 @@ def test_ddp_two_processes_match_one(full_run, tmp_path):
     ddp, one = losses(tmp_path), losses(full_run)[:2]
     # same global batch and random draws; only float32 summation order differs between the two layouts
     assert ddp == pytest.approx(one, rel=1e-4)
+
+
+def test_procs_starts_ddp_processes_that_match_one_and_resume_exactly(full_run, tmp_path):
+    # train.py starts the ranks itself (what --small does on a multi-core CPU): the same losses as one process
+    r = run("--out", tmp_path / "p", "--procs", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "on cpu x 2 ranks" in r.stderr
+    two = losses(tmp_path / "p")
+    assert len(two) == 6 and two == pytest.approx(losses(full_run), rel=1e-4)
+    # interrupted after step 3 and resumed (the layout --small resumes in): the uninterrupted run, bit for bit
+    assert run("--out", tmp_path / "q", "--procs", 2, "--stop-at", 3).returncode == 0
+    r = run("--out", tmp_path / "q", "--procs", 2, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert losses(tmp_path / "q") == two
+    sa, sb = (M.MMInterleaved.from_checkpoint(tmp_path / d)[0].state_dict() for d in "pq")
+    assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+    refused(tmp_path / "bad", "--procs", 3, says="does not split into 3 parts")  # the tiny batch is 2
+    refused(tmp_path / "bad", "--procs", 0, says="--procs 0")
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text('{"segments": [{"text": "a"}]}\n{"segments": [\n')
+    for procs in (1, 2):  # a bad corpus: rank 0's one-line error (no traceback from either rank), nothing written
+        refused(tmp_path / "bad", "--procs", procs, "--data", corpus, says=f"{corpus}:2: invalid JSON")
+
+
+@pytest.mark.skipif(shutil.which("pgrep") is None, reason="needs pgrep to look for the workers")
+def test_procs_workers_stop_when_train_py_is_killed(tmp_path):
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--tiny", "--procs", "2", "--steps", "500",
+                          "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:  # the workers are training
+        time.sleep(0.5)
+    p.terminate()
+    assert p.wait(timeout=60) != 0
+    time.sleep(2)
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert left == [], f"workers left running: {left}"
