@@ -81,11 +81,13 @@ class MMConfig:
     # tokens behind it makes a word's state hold its phrase ("red" is 5 tokens before "left"), which the condition
     # then carries (EXPERIMENTS.md: "What binds"). 0: off, as the authors
     back_tokens: int = 0
-    # an experiment, off in every preset: each LLM state also names the `ahead_tokens` tokens after the next one (one
+    # small recipe (4, session 32): each LLM state also names the `ahead_tokens` tokens after the next one (one
     # linear head per offset: multi-token prediction, Gloeckle et al. 2024; the mean of their cross-entropies over the
-    # text loss's targets, within a document, weighted as the text loss). A caption names an object's shape before
-    # its place ("a big red circle at the top left."): a state that must also name the place ahead has to find the
-    # object before the shape word, which is where the LLM's last MMFS block should read (EXPERIMENTS.md). 0: off
+    # text loss's targets, within a document, weighted as the text loss; training only, sampling never reads them).
+    # A caption names an object's shape before its place ("a big red circle at the top left."): a state that must
+    # also name the place ahead has to find the object before the shape word, which is where the LLM's last MMFS
+    # block should read. Seeds 0 / 1 / 2 name 96.1 / 96.3 / 94.6 % of the objects right against 94.6 / 69.9 / 89.5
+    # without (EXPERIMENTS.md: "Naming the place ahead"). 0: off, as the authors
     ahead_tokens: int = 0
     # small recipe: the UNet's cross-attention also reads the `direct_context` context states nearest <BoI> (as the
     # decoder reads them: projected, + their 1-D positions; then direct_proj; zero past the segment start), next to
@@ -148,6 +150,8 @@ def preset(name, **overrides):
                        decoder=r[f"{name}_decoder"], unet=unet_lib.PRESETS[name], vae=None,
                        schedule=diffusion.PRESETS[name], image_size=unet_lib.PRESETS[name].sample_size,
                        pooled_condition=True, back_tokens=6, direct_context=40, freeze_pretrained=False, pad_id=3)
+        if name == "small":  # the tiny preset leaves the heads to its own test (tests/test_model.py)
+            cfg.ahead_tokens = 4
         if name == "tiny":  # a 5-frame story with a byte-level tiny tokenizer needs ~200 positions
             cfg.llm = dataclasses.replace(cfg.llm, max_seq_len=384)
             cfg.unet = dataclasses.replace(cfg.unet, in_channels=3, out_channels=3, sample_size=32)

@@ -25,7 +25,8 @@ timed (allocator and oneDNN warm-up). The variants:
   draws1        one (timestep, noise) draw per image (train.py --noise-draws 1, the recipe until session 22) instead
                 of the preset's two that share each image's condition: half the UNet's work, the same ViT and LLM;
   t2i3          three draws for a text-to-image frame, one for a continuation (--noise-draws 1 --noise-draws-t2i 3);
-  ahead4        four multi-token prediction heads on the LLM's states (train.py --ahead-tokens 4).
+  ahead0        without the four multi-token prediction heads on the LLM's states (train.py --ahead-tokens 0; the
+                preset has them from session 32).
 
 The ratio column is each variant's step time over the first variant's, measured in this one run. Do not run it beside
 a training run: two 2-thread processes on 2 cores slow each other several-fold.
@@ -55,7 +56,7 @@ from bench.recipe import train_preset  # noqa: E402
 SMALL = train_preset("small")  # train.py's recipe, read from its source once
 
 VARIANTS = ("preset", "bf16", "mmfs32", "c1s2+mmfs32", "attn8", "attn16up", "llm-every1", "llm-p8", "llm-p16",
-            "unet-wide", "unet-l2", "draws1", "t2i3", "ahead4")
+            "unet-wide", "unet-l2", "draws1", "t2i3", "ahead0")
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time")
@@ -85,8 +86,8 @@ def build(variant, tok):
     cfg.noise_draws = 1 if variant in ("draws1", "t2i3") else SMALL.get("noise_draws", 1)
     cfg.noise_draws_t2i = 3 if variant == "t2i3" else 0
     cfg.stratified_timesteps = SMALL.get("stratified_timesteps", False)  # which t each draw takes: no cost
-    if variant == "ahead4":
-        cfg = dataclasses.replace(cfg, ahead_tokens=4)
+    if variant == "ahead0":
+        cfg = dataclasses.replace(cfg, ahead_tokens=0)
     if "mmfs32" in variant:
         cfg.unet = dataclasses.replace(cfg.unet, mmfs_max_side=0)
     if "c1s2" in variant:  # c1 is 32x32; MMFS reads it in place of the 16x16 level there no longer is
