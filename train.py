@@ -155,6 +155,8 @@ def launch(n, threads):
     for r in range(n):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+        if sys.platform == "linux":  # gloo on the loopback, whatever the host name resolves to (or fails to)
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         procs.append(subprocess.Popen([sys.executable, *sys.argv], env=env, stdout=None if r == 0 else
                                       subprocess.DEVNULL, stderr=None if r == 0 else logs[r]))
     try:
