@@ -21,6 +21,7 @@ import os
 import pickle
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -403,6 +404,9 @@ else:
         fail(str(e))
 raw = model
 if ddp:
+    # oneDNN hands back some 1x1 / depthwise convolution weight gradients in another memory layout than DDP's
+    # bucket; DDP copies them in (a few small tensors a step) and warns once per process: not worth the noise
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
 n_params = sum(p.numel() for p in raw.parameters())
 n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
