@@ -4,7 +4,7 @@
     python train.py --tiny --out /tmp/t         # seconds: a smoke test
     python train.py --small --no-mmfs --out out/small-no-mmfs   # the ablation eval.py --compare reads
     python train.py --small --resume            # continue an interrupted run exactly
-    python train.py --small --procs 1           # one process (on a CPU --small starts one per core by itself)
+    python train.py --small --procs 1           # one process (on a CPU --small otherwise starts up to one per core)
     torchrun --nproc_per_node 2 train.py --small                # DDP (nccl on GPUs, gloo on CPUs)
     torchrun --nproc_per_node 8 train.py --paper --clip CLIP --llm VICUNA --sd SD21 --data docs.jsonl  # real sizes
 
@@ -130,9 +130,10 @@ g.add_argument("--resume", action="store_true", help="continue the run in --out 
 g.add_argument("--save-every", type=int, help="checkpoint every N steps (and at the end)")
 g.add_argument("--stop-at", type=int, help="stop with a checkpoint after this step, as an interruption would")
 g.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-g.add_argument("--procs", type=int, metavar="N", help="CPU only: train as N one-thread processes, each on 1/N of the "
-               "batch (DDP over gloo, as torchrun would start them). Default: --small on a CPU takes the largest "
-               "divisor of its batch not above torch's thread count (2 on a 2-core machine); anything else 1")
+g.add_argument("--procs", type=int, metavar="N", help="CPU only: train as N processes that share torch's threads, "
+               "each on 1/N of the batch (DDP over gloo, as torchrun would start them). Default: --small on a CPU "
+               "takes the largest divisor of its batch not above torch's thread count (2 processes of one thread on "
+               "a 2-core machine); anything else 1")
 args = ap.parse_args()
 
 
