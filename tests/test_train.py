@@ -365,7 +365,7 @@ def test_procs_starts_ddp_processes_that_match_one_and_resume_exactly(full_run, 
 @pytest.mark.skipif(shutil.which("pgrep") is None, reason="needs pgrep to look for the workers")
 def test_procs_workers_stop_when_train_py_is_killed(tmp_path):
     p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--tiny", "--procs", "2", "--steps", "500",
-                          "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                          "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:  # the workers are training
         time.sleep(0.5)
