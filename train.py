@@ -307,7 +307,7 @@ except (weights.WeightsError, KeyError) as e:
 S = argparse.Namespace(**settings)
 
 # on a CPU, processes instead of threads: the small model's operators are too small to keep 2 threads busy, and on
-# 2 cores two one-thread DDP processes, a row each, take 0.88 of the step of one 2-thread process (bench_procs.py)
+# 2 cores two one-thread DDP processes, a row each, take 0.88-0.91 of the step of one 2-thread process (bench_procs.py)
 if not ddp and device == "cpu":
     cores = torch.get_num_threads()  # torch's default: the physical cores (or OMP_NUM_THREADS)
     n_procs = args.procs if args.procs is not None else 1 if S.model != "small" else \
