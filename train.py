@@ -151,7 +151,7 @@ def launch(n, threads):
     with socket.socket() as s:  # a free local port for gloo's rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    logs = [tempfile.TemporaryFile() for _ in range(n)]  # rank r > 0's stderr, read back only if it fails
+    logs = {r: tempfile.TemporaryFile() for r in range(1, n)}  # rank r > 0's stderr, read back only if it fails
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # killed: stop the workers too (below)
     procs = []
     for r in range(n):
@@ -160,7 +160,7 @@ def launch(n, threads):
         if sys.platform == "linux":  # gloo on the loopback, whatever the host name resolves to (or fails to)
             env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         procs.append(subprocess.Popen([sys.executable, *sys.argv], env=env, stdout=None if r == 0 else
-                                      subprocess.DEVNULL, stderr=None if r == 0 else logs[r]))
+                                      subprocess.DEVNULL, stderr=logs.get(r)))  # rank 0: the terminal
     try:
         while True:  # until all succeed or one fails: then the others would wait in a collective forever
             codes = [p.poll() for p in procs]
