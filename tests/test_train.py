@@ -362,6 +362,21 @@ def test_procs_starts_ddp_processes_that_match_one_and_resume_exactly(full_run, 
         refused(tmp_path / "bad", "--procs", procs, "--data", corpus, says=f"{corpus}:2: invalid JSON")
 
 
+
+def test_no_mmfs_ablation_trains_as_one_process_and_as_two(tmp_path):
+    # without MMFS nothing reads the adapter's pyramid, so the parameters that only build it get no gradient. One
+    # process skips them; DDP (what --small starts on a CPU) must be told, or its second step stops with
+    # "Expected to have finished reduction in the prior iteration"
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, procs in ((one, 1), (two, 2)):
+        r = run("--out", out, "--no-mmfs", "--procs", procs)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4) and len(losses(two)) == 6
+    sa, _ = weights.load_state(one / "train/raw.safetensors")
+    sb, _ = weights.load_state(two / "train/raw.safetensors")
+    unread = [k for k in sa if k.startswith("vit.adapter_up.")]
+    assert len(unread) == 2 and all(torch.equal(sa[k], sb[k]) for k in unread)  # untouched in both layouts
+
 @pytest.mark.skipif(shutil.which("pgrep") is None, reason="needs pgrep to look for the workers")
 def test_procs_workers_stop_when_train_py_is_killed(tmp_path):
     p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--tiny", "--procs", "2", "--steps", "500",
