@@ -182,10 +182,17 @@ def launch(n, threads):
         p.wait()
     if not failed:
         sys.exit(0)
-    if failed[0] > 0:  # rank 0 printed nothing about it: show the rank's own error
-        logs[failed[0]].seek(0)
-        sys.stderr.write(logs[failed[0]].read().decode(errors="replace"))
-    sys.exit(codes[failed[0]])
+    # a rank killed by a signal (the OOM killer, kill -9) wrote no error of its own, and the others fail only
+    # because they lost it: name it, whichever rank noticed first
+    killed = [r for r in failed if codes[r] < 0]
+    first = killed[0] if killed else failed[0]
+    if first > 0 and not killed:  # rank 0 printed nothing about it: show the rank's own error
+        logs[first].seek(0)
+        sys.stderr.write(logs[first].read().decode(errors="replace"))
+    if killed:
+        sig = next((s.name for s in signal.Signals if s == -codes[first]), f"signal {-codes[first]}")
+        print(f"train.py: rank {first} of {n} was killed by {sig}", file=sys.stderr)
+    sys.exit(codes[first] if codes[first] > 0 else 128 - codes[first])  # the shell's code for a signal: 128 + N
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -388,4 +389,28 @@ def test_procs_workers_stop_when_train_py_is_killed(tmp_path):
     assert p.wait(timeout=60) != 0
     time.sleep(2)
     left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert left == [], f"workers left running: {left}"
+
+
+@pytest.mark.skipif(shutil.which("pgrep") is None or not Path("/proc/self/environ").exists(),
+                    reason="finds the rank-1 worker with pgrep and /proc/PID/environ")
+def test_procs_a_killed_worker_is_named_and_stops_the_others(tmp_path):
+    # rank 1 dies without a word (kill -9, as the OOM killer does): rank 0 then fails on the lost connection, and
+    # the launcher must name rank 1 as the cause, exit with the shell's code for the signal, and leave no worker
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as f:
+        p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--tiny", "--procs", "2", "--steps", "500",
+                              "--out", str(tmp_path / "run")], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() < deadline:  # the workers are training
+        time.sleep(0.5)
+    pids = subprocess.run(["pgrep", "-f", str(tmp_path / "run")], capture_output=True, text=True).stdout.split()
+    ranks = {int(pid): Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in pids if int(pid) != p.pid}
+    rank1 = [pid for pid, env in ranks.items() if b"RANK=1" in env]
+    assert len(ranks) == 2 and len(rank1) == 1, ranks.keys()
+    os.kill(rank1[0], signal.SIGKILL)
+    assert p.wait(timeout=60) == 128 + signal.SIGKILL
+    assert err.read_text().strip().splitlines()[-1] == "train.py: rank 1 of 2 was killed by SIGKILL"
+    time.sleep(2)
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "run")], capture_output=True, text=True).stdout.split()
     assert left == [], f"workers left running: {left}"
