@@ -314,6 +314,15 @@ class MMInterleaved(nn.Module):
             visual = visual + self.pooled_visual_proj(cells)                               # (n, K, dim)
         return visual, pyramid
 
+    def unread_pyramid_levels(self):
+        """Sides of the adapter's pyramid maps that no MMFS reads (all of them with --no-mmfs). The parameters that only
+        build an unread map (the finest: adapter_up, the stem's fc1; every map: the last interaction's extractors) then
+        get no gradient, which train.py tells DDP."""
+        read = set(self.cfg.llm.mmfs_levels) if self.cfg.llm.mmfs_every > 0 else set()
+        if any(isinstance(m, unet_lib.MMFSBlock) for m in self.unet.modules()):  # each block reads every level
+            read |= set(self.cfg.unet.mmfs_levels)
+        return sorted(set(self.cfg.unet.mmfs_levels) - read, reverse=True)
+
     def _pyramid_levels(self, pyramid, sizes):
         """The pyramid maps whose side is in `sizes`, in that order (the LLM reads 3 of the 4 levels, §0)."""
         by_size = {p.shape[-1]: p for p in pyramid}

@@ -415,11 +415,11 @@ if ddp:
     # oneDNN hands back some 1x1 / depthwise convolution weight gradients in another memory layout than DDP's
     # bucket; DDP copies them in (a few small tensors a step) and warns once per process: not worth the noise
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    # without MMFS nothing reads the adapter's pyramid, so the parameters that only build it (adapter_up, the last
-    # interaction's extractors) get no gradient: DDP must be told, and then searches the graph for them every step
-    reads_pyramid = raw.cfg.llm.mmfs_every > 0 or raw.cfg.unet.mmfs
+    # a pyramid map no MMFS reads (--no-mmfs, or --mmfs-max-side with the LLM off the finest level) leaves the
+    # parameters that only build it (adapter_up, the last interaction's extractors) without a gradient: DDP must be
+    # told, and then searches the graph for them every step
     model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
-                                                find_unused_parameters=not reads_pyramid)
+                                                find_unused_parameters=bool(raw.unread_pyramid_levels()))
 n_params = sum(p.numel() for p in raw.parameters())
 n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
 

@@ -507,6 +507,11 @@ def test_no_mmfs_ablation_has_no_mmfs_parameters():
     tokens, images, per_row = batch_of([[BOS, 10] + image_run() + [11] + image_run() + [EOS]])
     out = ablation(tokens, images, per_row, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out["loss"])
+    # what nothing reads gets no gradient: the pyramid in the ablation, no level in the preset (DDP is told)
+    out["loss"].backward()
+    unread = [n for n, p in ablation.named_parameters() if p.grad is None]
+    assert ablation.unread_pyramid_levels() == [16, 8, 4, 2] and net.unread_pyramid_levels() == []
+    assert unread and all(n.startswith("vit.") for n in unread)  # the adapter's pyramid side of the ViT
 
 
 def test_presets_are_independent_copies():

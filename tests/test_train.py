@@ -384,6 +384,9 @@ def test_no_mmfs_ablation_trains_as_one_process_and_as_two(tmp_path):
     sb, _ = weights.load_state(two / "train/raw.safetensors")
     unread = [k for k in sa if k.startswith("vit.adapter_up.")]
     assert len(unread) == 2 and all(torch.equal(sa[k], sb[k]) for k in unread)  # untouched in both layouts
+    # the same when only the finest map goes unread: the tiny LLM reads 4 and 2, and the UNet then has no MMFS block
+    r = run("--out", tmp_path / "side4", "--mmfs-max-side", 4, "--procs", 2, "--steps", 3)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 @pytest.mark.skipif(shutil.which("pgrep") is None, reason="needs pgrep to look for the workers")
 def test_procs_workers_stop_when_train_py_is_killed(tmp_path):
