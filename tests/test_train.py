@@ -370,7 +370,6 @@ def test_procs_starts_ddp_processes_that_match_one_and_resume_exactly(full_run, 
         refused(tmp_path / "bad", "--procs", procs, "--data", corpus, says=f"{corpus}:2: invalid JSON")
 
 
-
 def test_no_mmfs_ablation_trains_as_one_process_and_as_two(tmp_path):
     # without MMFS nothing reads the adapter's pyramid, so the parameters that only build it get no gradient. One
     # process skips them; DDP (what --small starts on a CPU) must be told, or its second step stops with
@@ -387,6 +386,7 @@ def test_no_mmfs_ablation_trains_as_one_process_and_as_two(tmp_path):
     # the same when only the finest map goes unread: the tiny LLM reads 4 and 2, and the UNet then has no MMFS block
     r = run("--out", tmp_path / "side4", "--mmfs-max-side", 4, "--procs", 2, "--steps", 3)
     assert r.returncode == 0, r.stderr[-2000:]
+
 
 @pytest.mark.skipif(shutil.which("pgrep") is None, reason="needs pgrep to look for the workers")
 def test_procs_workers_stop_when_train_py_is_killed(tmp_path):
