@@ -416,10 +416,11 @@ if ddp:
     # bucket; DDP copies them in (a few small tensors a step) and warns once per process: not worth the noise
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     # a pyramid map no MMFS reads (--no-mmfs, or --mmfs-max-side with the LLM off the finest level) leaves the
-    # parameters that only build it (adapter_up, the last interaction's extractors) without a gradient: DDP must be
-    # told, and then searches the graph for them every step
+    # parameters that only build it (adapter_up, the last interaction's extractors) without a gradient, and so does
+    # a --data batch that gives a rank no image: DDP must be told, and then searches the graph for them every step
+    unused = bool(raw.unread_pyramid_levels()) or S.data is not None
     model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
-                                                find_unused_parameters=bool(raw.unread_pyramid_levels()))
+                                                find_unused_parameters=unused)
 n_params = sum(p.numel() for p in raw.parameters())
 n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
 

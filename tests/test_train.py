@@ -370,7 +370,7 @@ def test_procs_starts_ddp_processes_that_match_one_and_resume_exactly(full_run, 
         refused(tmp_path / "bad", "--procs", procs, "--data", corpus, says=f"{corpus}:2: invalid JSON")
 
 
-def test_no_mmfs_ablation_trains_as_one_process_and_as_two(tmp_path):
+def test_procs_trains_where_some_parameters_get_no_gradient(tmp_path):
     # without MMFS nothing reads the adapter's pyramid, so the parameters that only build it get no gradient. One
     # process skips them; DDP (what --small starts on a CPU) must be told, or its second step stops with
     # "Expected to have finished reduction in the prior iteration"
@@ -385,6 +385,12 @@ def test_no_mmfs_ablation_trains_as_one_process_and_as_two(tmp_path):
     assert len(unread) == 2 and all(torch.equal(sa[k], sb[k]) for k in unread)  # untouched in both layouts
     # the same when only the finest map goes unread: the tiny LLM reads 4 and 2, and the UNet then has no MMFS block
     r = run("--out", tmp_path / "side4", "--mmfs-max-side", 4, "--procs", 2, "--steps", 3)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # and a --data corpus whose batches hold no image (text-only documents): no vision parameter gets a gradient
+    corpus = tmp_path / "text.jsonl"
+    corpus.write_text("".join(json.dumps({"segments": [{"text": f"story {i}: the red square moves left."}]}) + "\n"
+                              for i in range(40)))
+    r = run("--out", tmp_path / "text", "--data", corpus, "--procs", 2, "--steps", 3)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
