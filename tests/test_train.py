@@ -338,10 +338,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_ddp_two_processes_match_one(full_run, tmp_path):
-    env = ONE_THREAD
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
            str(ROOT / "train.py"), "--tiny", "--out", str(tmp_path), "--steps", "6", "--stop-at", "2"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-2000:]
     ddp, one = losses(tmp_path), losses(full_run)[:2]
     # same global batch and random draws; only float32 summation order differs between the two layouts
@@ -382,7 +381,7 @@ def test_procs_trains_where_some_parameters_get_no_gradient(tmp_path):
     sa, _ = weights.load_state(one / "train/raw.safetensors")
     sb, _ = weights.load_state(two / "train/raw.safetensors")
     unread = [k for k in sa if k.startswith("vit.adapter_up.")]
-    assert len(unread) == 2 and all(torch.equal(sa[k], sb[k]) for k in unread)  # untouched in both layouts
+    assert len(unread) == 2 and all(torch.equal(sa[k], sb[k]) for k in unread)  # no gradient in either layout
     # the same when only the finest map goes unread: the tiny LLM reads 4 and 2, and the UNet then has no MMFS block
     r = run("--out", tmp_path / "side4", "--mmfs-max-side", 4, "--procs", 2, "--steps", 3)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -394,18 +393,29 @@ def test_procs_trains_where_some_parameters_get_no_gradient(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def training_procs(out, stderr):
+    """A long `train.py --tiny --procs 2` into `out`, returned once its workers are training (metrics written)."""
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--tiny", "--procs", "2", "--steps", "500",
+                          "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    return p
+
+
+def processes_of(out):
+    """PIDs of the processes whose command line names `out` (train.py and its workers)."""
+    found = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout
+    return [int(pid) for pid in found.split()]
+
+
 @pytest.mark.skipif(shutil.which("pgrep") is None, reason="needs pgrep to look for the workers")
 def test_procs_workers_stop_when_train_py_is_killed(tmp_path):
-    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--tiny", "--procs", "2", "--steps", "500",
-                          "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:  # the workers are training
-        time.sleep(0.5)
+    p = training_procs(tmp_path, subprocess.DEVNULL)
     p.terminate()
     assert p.wait(timeout=60) != 0
     time.sleep(2)
-    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
-    assert left == [], f"workers left running: {left}"
+    assert processes_of(tmp_path) == [], "workers left running"
 
 
 @pytest.mark.skipif(shutil.which("pgrep") is None or not Path("/proc/self/environ").exists(),
@@ -415,18 +425,13 @@ def test_procs_a_killed_worker_is_named_and_stops_the_others(tmp_path):
     # the launcher must name rank 1 as the cause, exit with the shell's code for the signal, and leave no worker
     err = tmp_path / "stderr.txt"
     with open(err, "w") as f:
-        p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--tiny", "--procs", "2", "--steps", "500",
-                              "--out", str(tmp_path / "run")], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f)
-    deadline = time.time() + 120
-    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() < deadline:  # the workers are training
-        time.sleep(0.5)
-    pids = subprocess.run(["pgrep", "-f", str(tmp_path / "run")], capture_output=True, text=True).stdout.split()
-    ranks = {int(pid): Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in pids if int(pid) != p.pid}
+        p = training_procs(tmp_path / "run", f)
+    ranks = {pid: Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in processes_of(tmp_path / "run")
+             if pid != p.pid}
     rank1 = [pid for pid, env in ranks.items() if b"RANK=1" in env]
     assert len(ranks) == 2 and len(rank1) == 1, ranks.keys()
     os.kill(rank1[0], signal.SIGKILL)
     assert p.wait(timeout=60) == 128 + signal.SIGKILL
     assert err.read_text().strip().splitlines()[-1] == "train.py: rank 1 of 2 was killed by SIGKILL"
     time.sleep(2)
-    left = subprocess.run(["pgrep", "-f", str(tmp_path / "run")], capture_output=True, text=True).stdout.split()
-    assert left == [], f"workers left running: {left}"
+    assert processes_of(tmp_path / "run") == [], "workers left running"
