@@ -1,13 +1,17 @@
 """train.py end to end on the tiny preset: checkpoint files, exact resume, NaN stop, bad resume, DDP = one process."""
+import contextlib
+import io
 import json
 import math
 import os
+import runpy
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -30,10 +34,23 @@ def run(*args, env=ONE_THREAD, timeout=300):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def refused(out, *args, says):
-    """train.py with a bad flag: a non-zero exit, one line naming the problem (`says`), no output directory."""
-    r = run("--out", out, *args)
-    assert r.returncode != 0 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def refused(out, *args, says, process=False):
+    """train.py with a bad flag: a non-zero exit, one line naming the problem (`says`), no output directory.
+
+    A flag is checked before any work, so by default the script runs in this process (runpy, its stderr and exit
+    captured): a new Python that imports torch costs ~2 s a case. `process=True` runs it as a real command, for the
+    checks that come later (a bad --data corpus, read by each rank)."""
+    if process:
+        r = run("--out", out, *args)
+        code, stderr = r.returncode, r.stderr
+    else:
+        err = io.StringIO()
+        argv = ["train.py", "--tiny", "--out", str(out), *map(str, args)]
+        with mock.patch.object(sys, "argv", argv), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+        code = e.value.code  # sys.exit("message") prints the message to stderr and exits with 1
+        code, stderr = (1, err.getvalue() + code + "\n") if isinstance(code, str) else (code, err.getvalue())
+    assert code != 0 and says in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not Path(out).exists()
 
 
@@ -56,6 +73,18 @@ def full_run(tmp_path_factory):
     return out
 
 
+# The flags that only shape the model, set together in one one-step run: each test below reads its own part back
+# (a run costs a Python start, the tokenizer and a checkpoint, ~7 s; one run for seven flags instead of seven)
+SHAPING = {"--unet-layers": 2, "--noise-draws-t2i": 3, "--mmfs-first-layer": 1, "--mmfs-points": 3, "--spm-width": 12,
+           "--ahead-tokens": 2, "--llm-levels": 4}
+
+
+@pytest.fixture(scope="module")
+def shaped(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shaped")
+    return out, one_step(out, *(str(x) for kv in SHAPING.items() for x in kv))
+
+
 def test_tiny_run_writes_a_loadable_checkpoint(full_run):
     for name in ("model.safetensors", "tokenizer.model", "metrics.jsonl", "train/raw.safetensors",
                  "train/optimizer.pt", "train/state.json"):
@@ -63,7 +92,8 @@ def test_tiny_run_writes_a_loadable_checkpoint(full_run):
     ls = losses(full_run)
     assert len(ls) == 6 and all(torch.isfinite(torch.tensor(ls)))
     net, tok = M.MMInterleaved.from_checkpoint(full_run)
-    assert net.cfg.llm.vocab_size == tok.n_vocab and json.loads((full_run / "train/state.json").read_text())["step"] == 6
+    assert net.cfg.llm.vocab_size == tok.n_vocab
+    assert json.loads((full_run / "train/state.json").read_text())["step"] == 6
 
 
 def test_benches_read_the_recipe_train_py_runs(full_run):
@@ -210,9 +240,9 @@ def test_unet_attn_side_flag_reaches_the_checkpoint_and_resume_keeps_it(tmp_path
     assert c.down_block_types == ("DownBlock2D",) * 2 and c.up_block_types == ("CrossAttnUpBlock2D",) * 2
 
 
-def test_unet_layers_flag_reaches_the_checkpoint(tmp_path):
+def test_unet_layers_flag_reaches_the_checkpoint(shaped, tmp_path):
     refused(tmp_path / "bad", "--unet-layers", 0, says="--unet-layers")
-    net = one_step(tmp_path / "l2", "--unet-layers", 2)
+    net = shaped[1]  # --unet-layers 2
     assert net.cfg.unet.layers_per_block == 2 != M.preset("tiny").unet.layers_per_block
     # the blocks really hold two ResNets (the up blocks one more, as in diffusers), not just the config's number
     assert [len(b.resnets) for b in net.unet.down_blocks] == [2] * len(net.unet.down_blocks)
@@ -242,57 +272,58 @@ def test_stratified_timesteps_flag_reaches_the_checkpoint_and_changes_the_run(tm
     assert a["loss_txt"] == b["loss_txt"] and a["loss_img"] != b["loss_img"]
 
 
-def test_noise_draws_t2i_flag_reaches_the_checkpoint(tmp_path):
+def test_noise_draws_t2i_flag_reaches_the_checkpoint(shaped, tmp_path):
     refused(tmp_path / "bad", "--noise-draws-t2i", -1, says="--noise-draws-t2i")
-    cfg = one_step(tmp_path / "t2i3", "--noise-draws-t2i", 3).cfg
+    cfg = shaped[1].cfg  # --noise-draws-t2i 3
     assert (cfg.noise_draws, cfg.noise_draws_t2i) == (M.preset("tiny").noise_draws, 3)
 
 
-def test_mmfs_first_layer_flag_reaches_the_checkpoint(tmp_path):
+def test_mmfs_first_layer_flag_reaches_the_checkpoint(shaped, tmp_path):
     for bad, says in (("-1", ">= 0"), ("2", "layers 0 to 1")):  # the tiny LLM has 2 layers
         refused(tmp_path / "bad", f"--mmfs-first-layer={bad}", says=says)
     refused(tmp_path / "bad", "--mmfs-first-layer", 1, "--no-mmfs", says="--no-mmfs")
     # the tiny LLM has MMFS in every layer: from layer 1 on, only layer 1 keeps one
-    net = one_step(tmp_path / "first1", "--mmfs-first-layer", 1)
+    net = shaped[1]  # --mmfs-first-layer 1
+    assert M.preset("tiny").llm.mmfs_first == 0
     assert net.cfg.llm.mmfs_first == 1
     assert [layer.llama_cross_attn is not None for layer in net.llm.model.layers] == [False, True]
 
 
-def test_mmfs_points_flag_reaches_the_checkpoint(tmp_path):
+def test_mmfs_points_flag_reaches_the_checkpoint(shaped, tmp_path):
     for bad in (("--mmfs-points", "0"), ("--mmfs-points", "2", "--no-mmfs")):
         refused(tmp_path / "bad", *bad, says="--mmfs-points")
-    net = one_step(tmp_path / "p3", "--mmfs-points", 3)
+    net = shaped[1]  # --mmfs-points 3
     c = net.cfg.llm
     assert c.mmfs_points == 3 != M.preset("tiny").llm.mmfs_points
-    attn = net.llm.model.layers[0].llama_cross_attn.attn  # offsets: one (x, y) per head and point
+    attn = net.llm.model.layers[1].llama_cross_attn.attn  # offsets: one (x, y) per head and point
     assert attn.n_points == 3 and attn.sampling_offsets.out_features == c.mmfs_heads * 3 * 2
 
 
-def test_spm_width_flag_reaches_the_checkpoint(tmp_path):
+def test_spm_width_flag_reaches_the_checkpoint(shaped, tmp_path):
     refused(tmp_path / "bad", "--spm-width", 0, says="--spm-width 0")
-    net = one_step(tmp_path / "w12", "--spm-width", 12)
+    net = shaped[1]  # --spm-width 12
     assert net.cfg.vit.conv_inplane == 12 != M.preset("tiny").vit.conv_inplane
     spm = net.vit.adapter_spm  # the stem 12 wide, then 2x and 4x deeper
     assert (spm.stem[0].out_channels, spm.conv2[0].out_channels, spm.conv3[0].out_channels) == (12, 24, 48)
 
 
-def test_llm_levels_flag_reaches_the_checkpoint(tmp_path):
+def test_llm_levels_flag_reaches_the_checkpoint(shaped, tmp_path):
     for bad in ("3", "2,4", "4,4", "x", ""):  # not a side of the tiny pyramid (16, 8, 4, 2); order; repeat; not ints
         refused(tmp_path / "bad", "--llm-levels", bad, says=f"--llm-levels {bad}")
     refused(tmp_path / "bad", "--llm-levels", 4, "--no-mmfs", says="--no-mmfs has no MMFS")
-    net = one_step(tmp_path / "l4", "--llm-levels", 4)  # the tiny LLM reads (4, 2); here only the 4x4 map
+    net = shaped[1]  # --llm-levels 4: the tiny LLM reads (4, 2); here only the 4x4 map
     c = net.cfg.llm
     assert c.mmfs_levels == (4,) != M.preset("tiny").llm.mmfs_levels
-    attn = net.llm.model.layers[0].llama_cross_attn.attn  # one level: heads x 1 x (points + sink) logits
+    attn = net.llm.model.layers[1].llama_cross_attn.attn  # one level: heads x 1 x (points + sink) logits
     assert attn.n_levels == 1 and attn.spatial_shapes == [(4, 4)]
     assert attn.attention_weights.out_features == c.mmfs_heads * 1 * (c.mmfs_points + 1)
 
 
-def test_ahead_tokens_flag_reaches_the_checkpoint_and_the_metrics(tmp_path):
+def test_ahead_tokens_flag_reaches_the_checkpoint_and_the_metrics(shaped, tmp_path):
     refused(tmp_path / "bad", "--ahead-tokens", -1, says="--ahead-tokens -1")
-    net = one_step(tmp_path / "a2", "--ahead-tokens", 2)
+    out, net = shaped  # --ahead-tokens 2
     assert net.cfg.ahead_tokens == 2 and len(net.ahead_heads) == 2 and M.preset("tiny").ahead_tokens == 0
-    row = json.loads((tmp_path / "a2" / "metrics.jsonl").read_text().splitlines()[-1])
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["loss_ahead"] > 0 and math.isfinite(row["loss_ahead"])
 
 
@@ -366,7 +397,7 @@ def test_procs_starts_ddp_processes_that_match_one_and_resume_exactly(full_run, 
     corpus = tmp_path / "bad.jsonl"
     corpus.write_text('{"segments": [{"text": "a"}]}\n{"segments": [\n')
     for procs in (1, 2):  # a bad corpus: rank 0's one-line error (no traceback from either rank), nothing written
-        refused(tmp_path / "bad", "--procs", procs, "--data", corpus, says=f"{corpus}:2: invalid JSON")
+        refused(tmp_path / "bad", "--procs", procs, "--data", corpus, says=f"{corpus}:2: invalid JSON", process=True)
 
 
 def test_procs_trains_where_some_parameters_get_no_gradient(tmp_path):
