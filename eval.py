@@ -9,6 +9,8 @@ detector and parser of data.py read the outputs back), then `evaluate`, the tabl
   1. captions: `<s><BoI><image>*K` with the story's first frame -> greedy text, first sentence vs the scene sentence
      (exact, objects right, and colour / shape / size right at each object's place);
   2. text-to-image: `<s>` scene sentence `<BoI>` -> a frame, the objects it names looked up by colour and shape;
+     with --rerank K also the best of K frames, the one the model itself captions likeliest (the same task with a
+     generate-then-rank sampler: the rows "best of --rerank", beside the plain drawing's);
   3. continuation: first frame, scene sentence, first event, `<BoI>` -> the next frame; centroid errors (px) of the
      objects the event left alone and of the moved one against where the event put it (inf when missing), and of
      the unmoved ones matched on shape alone (a copy in place in the wrong colour counts there), and the unmoved
@@ -106,6 +108,31 @@ def t2i_task(model, tok, stories, args):
     size = model.cfg.image_size
     prompts = [tok.encode(s.sentences[0]) + [tok.boi_id] for s in stories]
     return draw(model, prompts, [torch.zeros(0, 3, size, size)] * len(stories), args, args.seed, "text-to-image")
+
+
+def rerank_task(model, tok, stories, args, first):
+    """Best of --rerank K drawings per scene sentence, by the model's own reading: log p(sentence | frame) with the
+    frame first, as a caption, for each candidate -> (frames, chosen candidate per story). Candidate 0 is `first`,
+    the t2i task's drawing, so a story's best is never worse-scored than its plain one; candidate j > 0 draws with
+    seed + 1000 j. A generate-then-rank sampler (as DALL-E's CLIP reranking), with the model as its own ranker."""
+    k, size = model.cfg.num_image_tokens, model.cfg.image_size
+    prompts = [tok.encode(s.sentences[0]) + [tok.boi_id] for s in stories]
+    none = [torch.zeros(0, 3, size, size)] * len(stories)
+    cands = [first] + [draw(model, prompts, none, args, args.seed + 1000 * j, f"candidate {j}")
+                       for j in range(1, args.rerank)]
+    texts = [tok.encode(s.sentences[0], bos=False) for s in stories]
+    dev = next(model.parameters()).device
+    scores = []                                                                            # K x (n,)
+    for frames in cands:
+        part_scores = []
+        for idx in chunks(list(range(len(stories))), args.batch_size):
+            rows = [[tok.bos_id] + tok.image_tokens(k) + texts[i] for i in idx]
+            images = torch.stack([data.image_tensor(frames[i], size) for i in idx]).to(dev)  # (B, 3, S, S)
+            part_scores.append(model.text_logprob(rows, images, [len(texts[i]) for i in idx]).cpu())
+        scores.append(torch.cat(part_scores))
+    best = torch.stack(scores).argmax(0).tolist()                                          # (n,) candidate index
+    log(f"  reranked {len(stories)}: the plain drawing kept for {best.count(0)}")
+    return [cands[j][i] for i, j in enumerate(best)], best
 
 
 def continuation_task(model, tok, stories, args):
@@ -264,6 +291,16 @@ def evaluate(model, tok, stories, args):
         outputs[name] = task(model, tok, stories, args)
         metrics.update(score(stories, outputs[name]))
         log(f"  done in {time.time() - t0:.1f} s")
+        if name == "t2i" and args.rerank > 1:  # the same drawings, then K - 1 more, the best by the model's reading
+            t0 = time.time()
+            log(f"text-to-image, best of {args.rerank}:")
+            outputs["t2i_best"], chosen = rerank_task(model, tok, stories, args, outputs["t2i"])
+            best = score_t2i(stories, outputs["t2i_best"])
+            metrics.update({k.replace("t2i_", "t2i_best_"): v for k, v in best.items() if k != "t2i_objects_other"})
+            metrics["t2i_best_plain_kept"] = rate([j == 0 for j in chosen])
+            plain = metrics["t2i_objects"]  # the same stories and objects: the gain, paired story by story
+            metrics["t2i_best_gain"] = ratio(best["t2i_objects"].num - plain.num, plain.den)
+            log(f"  done in {time.time() - t0:.1f} s")
     return metrics, outputs
 
 
@@ -280,6 +317,11 @@ ROWS = [  # (key, label, as a percentage?)
     ("t2i_exact", "text->image: objects exact (+ size, place)", True),
     ("t2i_extra", "text->image: extra objects / frame", False),
     ("t2i_objects_other", "text->image: found for another story's text", True),
+    ("t2i_best_objects", "text->image, best of --rerank: objects found", True),
+    ("t2i_best_exact", "text->image, best of --rerank: objects exact", True),
+    ("t2i_best_extra", "text->image, best of --rerank: extra objects / frame", False),
+    ("t2i_best_gain", "text->image, best of --rerank: objects found, gain", True),
+    ("t2i_best_plain_kept", "text->image, best of --rerank: the plain drawing kept", True),
     ("unmoved_median_px", "continuation: unmoved median error (px)", False),
     ("unmoved_found", "continuation: unmoved found", True),
     ("unmoved_found_px", "continuation: unmoved found: median error (px)", False),
@@ -340,7 +382,9 @@ def table(results):
     w0, w = max(len(label) for _, label, _ in ROWS), max(15, *map(len, head))
     lines = [f"{'':<{w0}}  " + "  ".join(f"{n:>{w}}" for n in head)]
     for key, label, pct in ROWS:
-        cells = [cell(r["metrics"][key], se.get(key), pct) for r, se in zip(results, ses)]
+        if all(key not in r["metrics"] for r in results):  # a row of an option no run used (--rerank)
+            continue
+        cells = [cell(r["metrics"].get(key), se.get(key), pct) for r, se in zip(results, ses)]
         for diff in diffs:
             d, se = diff.get(key, (None, None))
             cells.append("" if d is None else f"{100 * d:+.1f} ± {100 * se:.1f}" if pct else f"{d:+.2f} ± {se:.2f}")
@@ -384,14 +428,16 @@ def save_grid(path, rows, zoom=4):
 
 def save_images(directory, stories, results, max_rows=12):
     """captions.png (frame; truth and each checkpoint's caption), t2i.png and continuation.png (truth, then each
-    checkpoint's frame) for the first stories."""
+    checkpoint's frame; t2i.png then each best of --rerank) for the first stories."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     outs = [r["outputs"] for r in results]
     ss = list(enumerate(stories))[:max_rows]
     save_grid(directory / "captions.png", [([s.images[0]], [f"true: {s.sentences[0]}"] + [
         f"[{j}]:  {o['captions'][i]}" for j, o in enumerate(outs)]) for i, s in ss])
-    save_grid(directory / "t2i.png", [([s.images[0]] + [o["t2i"][i] for o in outs], [s.sentences[0]]) for i, s in ss])
+    save_grid(directory / "t2i.png", [([s.images[0]] + [o["t2i"][i] for o in outs] +  # then each best of --rerank
+                                       [o["t2i_best"][i] for o in outs if "t2i_best" in o], [s.sentences[0]])
+                                      for i, s in ss])
     save_grid(directory / "continuation.png", [([s.images[0], s.images[1]] + [o["continuation"][i] for o in outs],
                                                 [s.sentences[1]]) for i, s in ss])
 
@@ -411,14 +457,16 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, default=20, help="diffusion sampling steps")
     g.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     g.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="diffusion sampler")
+    g.add_argument("--rerank", type=int, default=1, metavar="K", help="also draw each scene K times and keep the "
+                   "drawing the model itself captions likeliest (rows 'best of --rerank'; 1: off)")
     g.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     g = ap.add_argument_group("output")
     g.add_argument("--out", metavar="FILE", help="metrics JSON (default: <checkpoint>/eval.json)")
     g.add_argument("--save-images", metavar="DIR", help="save captions.png, t2i.png, continuation.png here")
     args = ap.parse_args(argv)
-    if args.n < 1 or args.steps < 1 or args.batch_size < 1:
-        ap.error("--n, --steps and --batch-size must be >= 1")
+    if args.n < 1 or args.steps < 1 or args.batch_size < 1 or args.rerank < 1:
+        ap.error("--n, --steps, --rerank and --batch-size must be >= 1")
     return args
 
 
@@ -441,7 +489,7 @@ def main(argv=None):
         results.append({"checkpoint": str(d), "metrics": metrics, "outputs": outputs})
         del model  # one model in memory at a time
     print(table(results))
-    settings = {k: getattr(args, k) for k in ("n", "seed", "steps", "guidance", "sampler", "batch_size")}
+    settings = {k: getattr(args, k) for k in ("n", "seed", "steps", "guidance", "sampler", "rerank", "batch_size")}
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
     weights.atomic_write_text(out, json.dumps(report(settings, results), indent=2, allow_nan=False) + "\n")
     log(f"wrote {out}")

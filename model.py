@@ -632,6 +632,28 @@ class MMInterleaved(nn.Module):
                              callback=callback, device=cond.device, dtype=cond.dtype)
         return self.from_diffusion_space(x)
 
+    @torch.no_grad()
+    def text_logprob(self, rows, images, scored):
+        """log p of the last scored[b] tokens of each row given all before them, one teacher-forced LLM pass (rows:
+        id lists whose <BoI>s all have their image, row-major in `images` (ΣI, 3, S, S) in [0, 1]) -> (B,) float.
+        The same model then reads its own drawings back: eval.py's --rerank scores a scene sentence after each
+        candidate frame and keeps the frame that makes it likeliest."""
+        ids = self.cfg.ids
+        if any(not 0 < k < len(r) for r, k in zip(rows, scored, strict=True)):
+            raise ValueError("text_logprob: each row scores at least one token and keeps at least one before them")
+        B, T = len(rows), max(map(len, rows))
+        dev = self.soi_token.device
+        tokens = torch.full((B, T), ids["pad"], dtype=torch.long, device=dev)
+        targets = torch.full((B, T - 1), -100, dtype=torch.long, device=dev)              # (B, T-1): token i+1
+        for b, (r, k) in enumerate(zip(rows, scored)):
+            tokens[b, :len(r)] = torch.tensor(r, device=dev)
+            targets[b, len(r) - 1 - k:len(r) - 1] = tokens[b, len(r) - k:len(r)]
+        per_row = (tokens == ids["boi"]).sum(1).tolist()
+        h, _ = self.hidden_states(tokens, images.to(dev) if len(images) else [], per_row)  # (B, T, dim)
+        logp = self.logits(h[:, :-1]).float().log_softmax(-1)                             # (B, T-1, V)
+        picked = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)             # (B, T-1)
+        return picked.masked_fill(targets < 0, 0).sum(1)
+
     # ---------------------------------------------------------------------------------------------- checkpoints
 
     def save_pretrained(self, directory, tokenizer_path, state=None):

@@ -28,10 +28,12 @@ KEYS = set(FRACTIONS) | set(GAPS) | {"t2i_extra", "t2i_objects_other", "unmoved_
                                      "moved_median_px", "moved_count", "cont_extra", "unmoved_found_px",
                                      "moved_found_px", "unmoved_shape_median_px", "unmoved_shape_found_px",
                                      "unmoved_shape_count"}
+BEST_FRACTIONS = ["t2i_best_objects", "t2i_best_exact", "t2i_best_plain_kept"]  # with --rerank K > 1 only
+BEST = set(BEST_FRACTIONS) | {"t2i_best_extra", "t2i_best_gain"}
 
 
 def _args(**kw):
-    base = dict(seed=0, steps=1, guidance=3.0, sampler="ddim", batch_size=32)
+    base = dict(seed=0, steps=1, guidance=3.0, sampler="ddim", batch_size=32, rerank=1)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -163,6 +165,25 @@ def test_condition_check(loaded):
     assert all(abs(v) > 1e-6 for v in gaps.values()), gaps
 
 
+def test_rerank_keeps_the_drawing_the_model_captions_likeliest(loaded):
+    """--rerank K: candidate 0 is the plain drawing, candidate j the same prompts drawn with seed + 1000 j; each story
+    keeps the candidate whose frame makes its scene sentence likeliest under the model's own captioning."""
+    model, tok = loaded
+    stories, args = _stories(5), _args(rerank=3, steps=2, batch_size=2)
+    first = ev.t2i_task(model, tok, stories, args)
+    frames, best = ev.rerank_task(model, tok, stories, args, first)
+    cands = [first] + [ev.t2i_task(model, tok, stories, _args(seed=1000 * j, steps=2, batch_size=2)) for j in (1, 2)]
+    assert not np.array_equal(cands[0][0], cands[1][0])  # other noise, other frames
+    k = model.cfg.num_image_tokens
+    texts = [tok.encode(s.sentences[0], bos=False) for s in stories]
+    rows = [[tok.bos_id] + tok.image_tokens(k) + t for t in texts]
+    scores = torch.stack([model.text_logprob(rows, torch.stack([data.image_tensor(f, 32) for f in c]),
+                                             [len(t) for t in texts]) for c in cands])   # (K, n)
+    assert torch.isfinite(scores).all() and (scores < 0).all()
+    assert best == scores.argmax(0).tolist() and len(set(scores[:, 0].tolist())) == 3  # the frame moves the score
+    assert all(np.array_equal(frames[i], cands[j][i]) for i, j in enumerate(best))
+
+
 def test_t2i_chance_level_scores_each_frame_against_the_previous_story():
     stories = _stories(12)
     frames = [s.images[0] for s in stories]
@@ -184,23 +205,25 @@ def test_cli_compare_writes_json_and_images(tiny_checkpoint, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, ckpt)  # the default --out lands inside the checkpoint directory
     ev.main(["--checkpoint", str(ckpt), "--compare", str(ckpt), "--n", "4", "--steps", "2", "--batch-size", "4",
-             "--device", "cpu", "--save-images", str(tmp_path / "img")])
+             "--device", "cpu", "--rerank", "2", "--save-images", str(tmp_path / "img")])
     report = json.loads((ckpt / "eval.json").read_text())
-    assert report["settings"] == {"n": 4, "seed": 0, "steps": 2, "guidance": 3.0, "sampler": "ddim",
+    assert report["settings"] == {"n": 4, "seed": 0, "steps": 2, "guidance": 3.0, "sampler": "ddim", "rerank": 2,
                                   "batch_size": 4}
     a, b = report["results"]
     assert a["checkpoint"] == b["checkpoint"] == str(ckpt)
-    assert set(a["metrics"]) == KEYS
+    assert set(a["metrics"]) == KEYS | BEST
     assert a["metrics"] == b["metrics"]  # same checkpoint, same seed: fresh loads and generators agree
-    for k in FRACTIONS:
+    for k in FRACTIONS + BEST_FRACTIONS:
         v = a["metrics"][k]
         assert v is None or (math.isfinite(v) and 0 <= v <= 1), (k, v)
+    m = a["metrics"]  # the gain is the best-of-K rate minus the plain one, over the same objects
+    assert m["t2i_best_gain"] == pytest.approx(m["t2i_best_objects"] - m["t2i_objects"], abs=1e-12)
     for k in ("t2i_extra", "cont_extra", "unmoved_median_px", "moved_median_px", "unmoved_found_px", "moved_found_px",
               "unmoved_shape_median_px"):
         v = a["metrics"][k]
         assert v is None or (math.isfinite(v) and v >= 0), (k, v)
     assert a["metrics"]["unmoved_count"] + a["metrics"]["moved_count"] > 0
-    assert set(a["std_errors"]) <= KEYS and all(v is None or v >= 0 for v in a["std_errors"].values())
+    assert set(a["std_errors"]) <= KEYS | BEST and all(v is None or v >= 0 for v in a["std_errors"].values())
     assert set(report["difference"]) == set(a["std_errors"])  # same checkpoint twice: no difference, no error
     assert all(d == {"value": 0.0, "std_error": 0.0} for d in report["difference"].values()), report["difference"]
     header, *rows = capsys.readouterr().out.strip().splitlines()

@@ -483,6 +483,29 @@ def test_generate_images_is_seeded_and_checks_prompts(net):
         net.generate_images([[BOS, 10]], [torch.zeros(0, 3, 32, 32)], steps=1)
 
 
+def test_text_logprob_is_the_teacher_forced_sum_and_ignores_padding(net):
+    """log p of each row's last `scored` tokens: the log-softmax of the logits at the positions before them, summed
+    (float64 by hand on the row alone); in a batch with a longer row (right padding) the same, in float32."""
+    rows = [[BOS] + image_run() + [10, 11, 12], [BOS, 20] + image_run() + [13, 14, 15, 16, 17, 18]]
+    tokens, images, per_row = batch_of(rows)
+    got = net.text_logprob(rows, images, [3, 4])
+    for b, (r, k) in enumerate(zip(rows, (3, 4))):
+        alone = torch.tensor([r])
+        im = images[:1] if b == 0 else images[1:]
+        with torch.no_grad():
+            h, _ = net.hidden_states(alone, im, [1])
+            logp = net.logits(h[0, :-1]).double().log_softmax(-1)                        # (T-1, V)
+        want = sum(logp[i - 1, r[i]] for i in range(len(r) - k, len(r)))
+        assert torch.isfinite(got[b]) and abs(got[b].item() - want.item()) < 1e-4 * max(1.0, abs(want.item()))
+        assert net.text_logprob([r], im, [k]).item() == pytest.approx(got[b].item(), rel=1e-5, abs=1e-5)
+    other = net.text_logprob(rows, torch.rand_like(images), [3, 4])  # another picture: another score
+    assert (other != got).all()
+    with pytest.raises(ValueError, match="at least one token"):
+        net.text_logprob(rows, images, [0, 4])
+    with pytest.raises(ValueError, match="at least one token"):
+        net.text_logprob(rows, images, [3, len(rows[1])])
+
+
 def test_generate_text_stops_at_eos_or_boi(net):
     tokens = torch.tensor([[BOS] + image_run() + [10]])
     out = net.generate_text(tokens, torch.rand(1, 3, 32, 32), max_new_tokens=5)
