@@ -159,13 +159,23 @@ def progress(label, steps):
 def draw(model, ids, images, args, generator, label):
     """The image the ids (ending in <BoI>) open -> (1, 3, S, S) in [0, 1] and the uint8 (S, S, 3) frame.
 
-    The frame is rounded to 8 bits before the model reads it back, so the story goes on from exactly the PNG saved."""
-    S = model.cfg.image_size
+    The frame is rounded to 8 bits before the model reads it back, so the story goes on from exactly the PNG saved.
+    With --rerank K, a frame drawn from text alone (no earlier image in the story) is the best of K drawings: the one
+    after which the model, reading it as a caption, finds the text before it likeliest (as eval.py --rerank)."""
+    c = model.cfg
+    S, text = c.image_size, ids[1:-1]  # the text between <s> and <BoI>
     given = torch.cat(images) if images else torch.zeros(0, 3, S, S, device=args.device)  # (n, 3, S, S)
-    x = model.generate_images([ids], [given], steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                              generator=generator, callback=progress(label, args.steps))
-    frame = (x[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()  # (S, S, 3)
-    return data.to_tensor(frame)[None].to(x.device), frame
+    k = args.rerank if not images and text else 1  # a continuation has no sentence that describes its whole frame
+    x = model.generate_images([ids] * k, [given] * k, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                              generator=generator, callback=progress(label, args.steps))       # (k, 3, S, S)
+    frames = (x.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()  # (k, S, S, 3)
+    best = 0
+    if k > 1:  # <s> <BoI> <image>*K text: the frame first, as in a caption document
+        row = [c.ids["bos"], c.ids["boi"]] + [c.ids["image"]] * c.num_image_tokens + text
+        scores = model.text_logprob([row] * k, torch.stack([data.to_tensor(f) for f in frames]), [len(text)] * k)
+        best = int(scores.argmax())
+        print(f"{label}: drawing {best + 1} of {k}, the likeliest by the model's own reading", file=sys.stderr)
+    return data.to_tensor(frames[best])[None].to(x.device), frames[best]
 
 
 def check_args(args):
@@ -173,7 +183,8 @@ def check_args(args):
     rules = (("--steps", args.steps, args.steps >= 1, ">= 1"), ("--temperature", args.temperature,
              args.temperature >= 0, ">= 0"), ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
              ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0, ">= 0"),
-             ("--max-images", args.max_images, args.max_images >= 0, ">= 0"))
+             ("--max-images", args.max_images, args.max_images >= 0, ">= 0"),
+             ("--rerank", args.rerank, args.rerank >= 1, ">= 1"))
     for flag, value, ok, rule in rules:
         if not ok:
             raise ValueError(f"{flag} must be {rule}, got {value}")
@@ -285,6 +296,8 @@ def main(argv=None):
     g.add_argument("--steps", type=int, default=20, help="diffusion sampling steps")
     g.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
     g.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    g.add_argument("--rerank", type=int, default=1, metavar="K", help="draw a frame that has no earlier image K times "
+                   "and keep the one the model itself captions likeliest (as eval.py --rerank; 1: off)")
     args = ap.parse_args(argv)
     try:
         run(args)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
@@ -217,6 +218,37 @@ def test_limits_stop_the_story_cleanly(story, tiny, tmp_path):
                                         "--max-images", 5)
     assert fake.calls == [fake.calls[0], fake.calls[0] + 4 + model.cfg.num_image_tokens]
     assert "--max-new-tokens 10" in err.splitlines()[-1] and len(names) == 1
+
+
+def test_rerank_keeps_the_likeliest_of_k_drawings_from_text(story, tiny, tmp_path, monkeypatch):
+    """--rerank 3: a frame drawn from text alone is drawn 3 times in one batch and the one the model scores highest
+    (the text read after it, as a caption) is saved and read back; a frame after a given image is drawn once."""
+    model, tok = tiny
+    real_draw, drawn, scored = M.MMInterleaved.generate_images, [], []
+
+    def spy_draw(self, prompts, images, **kw):
+        x = real_draw(self, prompts, images, **kw)
+        drawn.append(x)
+        return x
+
+    def fake_score(self, rows, images, counts):  # the third drawing wins
+        scored.append((rows, images, counts))
+        return torch.tensor([-3.0, -2.0, -1.0])
+    monkeypatch.setattr(M.MMInterleaved, "generate_images", spy_draw)
+    monkeypatch.setattr(M.MMInterleaved, "text_logprob", fake_score)
+    text = "there is a big red circle at the top left."
+    *_, err, md, names = story(tmp_path / "a", f"{text}\n<image>\n", [[tok.eos_id]], "--rerank", 3)
+    assert names == ["01_generated.png"] and len(drawn) == 1 and drawn[0].shape[0] == 3
+    want = (drawn[0][2].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()  # (S, S, 3)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "o" / "01_generated.png")), want)
+    assert not np.array_equal(want, (drawn[0][0].permute(1, 2, 0) * 255).round().clamp(0, 255).byte().numpy())
+    (rows, images, counts), = scored
+    ids = tok.encode(text, bos=False)
+    assert rows == [[tok.bos_id] + tok.image_tokens(model.cfg.num_image_tokens) + ids] * 3 and counts == [len(ids)] * 3
+    assert images.shape == (3, 3, 32, 32) and "drawing 3 of 3" in err
+    drawn.clear()
+    story(tmp_path / "b", f"![](f.png) {text}\n<image>\n", [[tok.eos_id]], "--rerank", 3)
+    assert [x.shape[0] for x in drawn] == [1] and len(scored) == 1  # a continuation: one drawing, nothing scored
 
 
 # --- bad input -------------------------------------------------------------------------------------------------------
