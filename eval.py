@@ -115,7 +115,7 @@ def rerank_task(model, tok, stories, args, first):
     frame first, as a caption, for each candidate -> (frames, chosen candidate per story). Candidate 0 is `first`,
     the t2i task's drawing, so a story's best is never worse-scored than its plain one; candidate j > 0 draws with
     seed + 1000 j. A generate-then-rank sampler (as DALL-E's CLIP reranking), with the model as its own ranker."""
-    k, size = model.cfg.num_image_tokens, model.cfg.image_size
+    size = model.cfg.image_size
     prompts = [tok.encode(s.sentences[0]) + [tok.boi_id] for s in stories]
     none = [torch.zeros(0, 3, size, size)] * len(stories)
     cands = [first] + [draw(model, prompts, none, args, args.seed + 1000 * j, f"candidate {j}")
@@ -126,9 +126,8 @@ def rerank_task(model, tok, stories, args, first):
     for frames in cands:
         part_scores = []
         for idx in chunks(list(range(len(stories))), args.batch_size):
-            rows = [[tok.bos_id] + tok.image_tokens(k) + texts[i] for i in idx]
             images = torch.stack([data.image_tensor(frames[i], size) for i in idx]).to(dev)  # (B, 3, S, S)
-            part_scores.append(model.text_logprob(rows, images, [len(texts[i]) for i in idx]).cpu())
+            part_scores.append(model.caption_logprob(images, [texts[i] for i in idx]).cpu())
         scores.append(torch.cat(part_scores))
     best = torch.stack(scores).argmax(0).tolist()                                          # (n,) candidate index
     log(f"  reranked {len(stories)}: the plain drawing kept for {best.count(0)}")

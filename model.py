@@ -636,8 +636,7 @@ class MMInterleaved(nn.Module):
     def text_logprob(self, rows, images, scored):
         """log p of the last scored[b] tokens of each row given all before them, one teacher-forced LLM pass (rows:
         id lists whose <BoI>s all have their image, row-major in `images` (ΣI, 3, S, S) in [0, 1]) -> (B,) float.
-        The same model then reads its own drawings back: eval.py's --rerank scores a scene sentence after each
-        candidate frame and keeps the frame that makes it likeliest."""
+        With the frame first and its sentence last (caption_logprob) the model reads its own drawings back."""
         ids = self.cfg.ids
         if any(not 0 < k < len(r) for r, k in zip(rows, scored, strict=True)):
             raise ValueError("text_logprob: each row scores at least one token and keeps at least one before them")
@@ -653,6 +652,13 @@ class MMInterleaved(nn.Module):
         logp = self.logits(h[:, :-1]).float().log_softmax(-1)                             # (B, T-1, V)
         picked = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)             # (B, T-1)
         return picked.masked_fill(targets < 0, 0).sum(1)
+
+    def caption_logprob(self, images, texts):
+        """log p(text | image) with the image first, as in a caption document `<s><BoI><image>*K text` (images
+        (B, 3, S, S) in [0, 1], texts id lists) -> (B,): how eval.py and sample.py --rerank rank drawings."""
+        ids, k = self.cfg.ids, self.cfg.num_image_tokens
+        rows = [[ids["bos"], ids["boi"]] + [ids["image"]] * k + list(t) for t in texts]
+        return self.text_logprob(rows, images, [len(t) for t in texts])
 
     # ---------------------------------------------------------------------------------------------- checkpoints
 

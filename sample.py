@@ -162,17 +162,15 @@ def draw(model, ids, images, args, generator, label):
     The frame is rounded to 8 bits before the model reads it back, so the story goes on from exactly the PNG saved.
     With --rerank K, a frame drawn from text alone (no earlier image in the story) is the best of K drawings: the one
     after which the model, reading it as a caption, finds the text before it likeliest (as eval.py --rerank)."""
-    c = model.cfg
-    S, text = c.image_size, ids[1:-1]  # the text between <s> and <BoI>
+    S, text = model.cfg.image_size, ids[1:-1]  # the text between <s> and <BoI>
     given = torch.cat(images) if images else torch.zeros(0, 3, S, S, device=args.device)  # (n, 3, S, S)
     k = args.rerank if not images and text else 1  # a continuation has no sentence that describes its whole frame
     x = model.generate_images([ids] * k, [given] * k, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
                               generator=generator, callback=progress(label, args.steps))       # (k, 3, S, S)
     frames = (x.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()  # (k, S, S, 3)
     best = 0
-    if k > 1:  # <s> <BoI> <image>*K text: the frame first, as in a caption document
-        row = [c.ids["bos"], c.ids["boi"]] + [c.ids["image"]] * c.num_image_tokens + text
-        scores = model.text_logprob([row] * k, torch.stack([data.to_tensor(f) for f in frames]), [len(text)] * k)
+    if k > 1:  # the text read after each drawing, as a caption
+        scores = model.caption_logprob(torch.stack([data.to_tensor(f) for f in frames]), [text] * k)
         best = int(scores.argmax())
         print(f"{label}: drawing {best + 1} of {k}, the likeliest by the model's own reading", file=sys.stderr)
     return data.to_tensor(frames[best])[None].to(x.device), frames[best]

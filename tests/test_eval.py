@@ -180,6 +180,8 @@ def test_rerank_keeps_the_drawing_the_model_captions_likeliest(loaded):
     scores = torch.stack([model.text_logprob(rows, torch.stack([data.image_tensor(f, 32) for f in c]),
                                              [len(t) for t in texts]) for c in cands])   # (K, n)
     assert torch.isfinite(scores).all() and (scores < 0).all()
+    for c, row in zip(cands, scores):  # the caption layout written out above is what caption_logprob builds
+        assert torch.equal(model.caption_logprob(torch.stack([data.image_tensor(f, 32) for f in c]), texts), row)
     assert best == scores.argmax(0).tolist() and len(set(scores[:, 0].tolist())) == 3  # the frame moves the score
     assert all(np.array_equal(frames[i], cands[j][i]) for i, j in enumerate(best))
 
