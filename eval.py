@@ -103,11 +103,12 @@ def draw(model, prompts, images, args, seed, what):
     return out
 
 
-def t2i_task(model, tok, stories, args):
-    """`<s>` scene sentence `<BoI>` -> the drawn first frame per story."""
+def t2i_task(model, tok, stories, args, seed=None, what="text-to-image"):
+    """`<s>` scene sentence `<BoI>` -> the drawn first frame per story (noise from `seed`, default --seed)."""
     size = model.cfg.image_size
     prompts = [tok.encode(s.sentences[0]) + [tok.boi_id] for s in stories]
-    return draw(model, prompts, [torch.zeros(0, 3, size, size)] * len(stories), args, args.seed, "text-to-image")
+    return draw(model, prompts, [torch.zeros(0, 3, size, size)] * len(stories), args,
+                args.seed if seed is None else seed, what)
 
 
 def rerank_task(model, tok, stories, args, first):
@@ -116,9 +117,7 @@ def rerank_task(model, tok, stories, args, first):
     the t2i task's drawing, so a story's best is never worse-scored than its plain one; candidate j > 0 draws with
     seed + 1000 j. A generate-then-rank sampler (as DALL-E's CLIP reranking), with the model as its own ranker."""
     size = model.cfg.image_size
-    prompts = [tok.encode(s.sentences[0]) + [tok.boi_id] for s in stories]
-    none = [torch.zeros(0, 3, size, size)] * len(stories)
-    cands = [first] + [draw(model, prompts, none, args, args.seed + 1000 * j, f"candidate {j}")
+    cands = [first] + [t2i_task(model, tok, stories, args, args.seed + 1000 * j, f"candidate {j}")
                        for j in range(1, args.rerank)]
     texts = [tok.encode(s.sentences[0], bos=False) for s in stories]
     dev = next(model.parameters()).device

@@ -588,6 +588,14 @@ class MMInterleaved(nn.Module):
                                 inputs_embeds=embeds, images=values, bos_id=ids["bos"], boi_id=ids["boi"],
                                 temperature=temperature, top_p=top_p, generator=generator, head=head)
 
+    def right_padded(self, rows):
+        """Id lists -> (B, T) long on the model's device, each row padded on the right to the longest."""
+        tokens = torch.full((len(rows), max(map(len, rows))), self.cfg.ids["pad"], dtype=torch.long,
+                            device=self.soi_token.device)
+        for b, r in enumerate(rows):
+            tokens[b, :len(r)] = torch.tensor(r, device=tokens.device)
+        return tokens
+
     @torch.no_grad()
     def prompt_conditions(self, prompts, images):
         """One LLM pass over prompts that each end with <BoI> (id lists; images[b] the given images of prompt b,
@@ -596,11 +604,8 @@ class MMInterleaved(nn.Module):
         ids = self.cfg.ids
         if any(not p or p[-1] != ids["boi"] for p in prompts):
             raise ValueError("every prompt must end with <BoI> (the image to draw)")
-        B, T = len(prompts), max(map(len, prompts))
-        dev = self.soi_token.device
-        tokens = torch.full((B, T), ids["pad"], dtype=torch.long, device=dev)
-        for b, p in enumerate(prompts):
-            tokens[b, :len(p)] = torch.tensor(p, device=dev)
+        tokens = self.right_padded(prompts)                                                # (B, T)
+        dev = tokens.device
         per_row = [len(im) for im in images]
         flat = torch.cat([im.to(dev) for im in images]) if sum(per_row) else None
         h, pyramid = self.hidden_states(tokens, flat if flat is not None else [], per_row)  # (B, T, dim), [...]
@@ -640,15 +645,12 @@ class MMInterleaved(nn.Module):
         ids = self.cfg.ids
         if any(not 0 < k < len(r) for r, k in zip(rows, scored, strict=True)):
             raise ValueError("text_logprob: each row scores at least one token and keeps at least one before them")
-        B, T = len(rows), max(map(len, rows))
-        dev = self.soi_token.device
-        tokens = torch.full((B, T), ids["pad"], dtype=torch.long, device=dev)
-        targets = torch.full((B, T - 1), -100, dtype=torch.long, device=dev)              # (B, T-1): token i+1
+        tokens = self.right_padded(rows)                                                   # (B, T)
+        targets = torch.full_like(tokens[:, 1:], -100)                                     # (B, T-1): token i+1
         for b, (r, k) in enumerate(zip(rows, scored)):
-            tokens[b, :len(r)] = torch.tensor(r, device=dev)
             targets[b, len(r) - 1 - k:len(r) - 1] = tokens[b, len(r) - k:len(r)]
         per_row = (tokens == ids["boi"]).sum(1).tolist()
-        h, _ = self.hidden_states(tokens, images.to(dev) if len(images) else [], per_row)  # (B, T, dim)
+        h, _ = self.hidden_states(tokens, images.to(tokens.device) if len(images) else [], per_row)  # (B, T, dim)
         logp = self.logits(h[:, :-1]).float().log_softmax(-1)                             # (B, T-1, V)
         picked = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)             # (B, T-1)
         return picked.masked_fill(targets < 0, 0).sum(1)
