@@ -11,6 +11,10 @@ timed (allocator and oneDNN warm-up). The variants:
   preset        train.py --small as it is;
   bf16          the same under torch.autocast(bfloat16), as train.py runs on CUDA (on the 2-core EPYC with
                 AVX512-BF16 it was 6 % slower than float32, so train.py keeps float32 on a CPU);
+  bf16-attn32   that, with attention (scaled_dot_product_attention) kept in float32: on a CPU the bfloat16
+                attention is the slowest part of the bf16 step;
+  bf16-conv     float32, except every convolution wider than 1x1 (the UNet's and the ViT-Adapter's), which runs
+                under autocast(bfloat16) and hands float32 back;
   mmfs32        --mmfs-max-side 0: the UNet's MMFS residuals on the two 32x32 maps too;
   c1s2+mmfs32   that, with the ViT-Adapter's finest map c1 at 32x32 (ViTConfig.c1_stride 2): the 32x32 residuals
                 then read a 32x32 map of the previous frame (the pyramid becomes 32/8/4/2).
@@ -55,7 +59,7 @@ from bench.recipe import train_preset  # noqa: E402
 
 SMALL = train_preset("small")  # train.py's recipe, read from its source once
 
-VARIANTS = ("preset", "bf16", "mmfs32", "c1s2+mmfs32", "attn8", "attn16up", "llm-every1", "llm-p8", "llm-p16",
+VARIANTS = ("preset", "bf16", "bf16-attn32", "bf16-conv", "mmfs32", "c1s2+mmfs32", "attn8", "attn16up", "llm-every1", "llm-p8", "llm-p16",
             "unet-wide", "unet-l2", "draws1", "t2i3", "ahead0")
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,7 +118,25 @@ def run_one(variant):
                                 cfg.llm.max_images - 1, 0, cfg.image_size, prefixes=small["prefixes"],
                                 first_frame_prob=small["first_frame_prob"],
                                 events_text_first=small["events_text_first"])
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant in ("bf16", "bf16-attn32"))
+    if variant == "bf16-attn32":  # the model's modules call F.scaled_dot_product_attention: they get this one
+        sdpa = nn.functional.scaled_dot_product_attention
+
+        def attention_in_float32(q, k, v, *a, attn_mask=None, **kw):
+            with torch.autocast("cpu", enabled=False):
+                if attn_mask is not None and attn_mask.is_floating_point():
+                    attn_mask = attn_mask.float()
+                return sdpa(q.float(), k.float(), v.float(), *a, attn_mask=attn_mask, **kw)
+        nn.functional.scaled_dot_product_attention = attention_in_float32
+    if variant == "bf16-conv":  # this subprocess times one variant, so patching the class is local to it
+        conv = nn.Conv2d.forward
+
+        def conv_in_bf16(self, x):
+            if self.kernel_size == (1, 1):
+                return conv(self, x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return conv(self, x).float()
+        nn.Conv2d.forward = conv_in_bf16
     parts = {"forward": 0.0, "backward": 0.0, "update": 0.0}
     for step in range(args.warmup + args.steps):
         batch = batches.batch(step, 0, 1)
