@@ -2,6 +2,7 @@
 
     python bench/bench_step.py                                   # every variant, 8 steps each
     python bench/bench_step.py --variants preset bf16 --steps 10
+    python bench/bench_step.py --alternate bf16-conv --steps 12  # one process, step by step against the preset
 
 Each variant runs in its own subprocess (so its peak memory is its own) on the same batches: the ones
 `train.py --small --seed 0` trains on first, with the same model, AdamW groups, gradient clipping and EMA. A step is
@@ -32,10 +33,14 @@ timed (allocator and oneDNN warm-up). The variants:
   ahead0        without the four multi-token prediction heads on the LLM's states (train.py --ahead-tokens 0; the
                 preset has them from session 32).
 
-The ratio column is each variant's step time over the first variant's, measured in this one run. Do not run it beside
+The ratio column is each variant's step time over the first variant's, measured in this one run. The variants run
+one after another, so a host whose pace drifts (the 2-core hosts here drift by 10-20 % within an hour) moves the
+ratios; `--alternate V` times a number-format variant (bf16, bf16-attn32, bf16-conv) against the preset on one
+model in one process, the two in turns on each batch, and prints the mean ratio ± its standard error. Do not run it beside
 a training run: two 2-thread processes on 2 cores slow each other several-fold.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -59,14 +64,17 @@ from bench.recipe import train_preset  # noqa: E402
 
 SMALL = train_preset("small")  # train.py's recipe, read from its source once
 
-VARIANTS = ("preset", "bf16", "bf16-attn32", "bf16-conv", "mmfs32", "c1s2+mmfs32", "attn8", "attn16up", "llm-every1", "llm-p8", "llm-p16",
-            "unet-wide", "unet-l2", "draws1", "t2i3", "ahead0")
+VARIANTS = ("preset", "bf16", "bf16-attn32", "bf16-conv", "mmfs32", "c1s2+mmfs32", "attn8", "attn16up", "llm-every1",
+            "llm-p8", "llm-p16", "unet-wide", "unet-l2", "draws1", "t2i3", "ahead0")
+PRECISIONS = ("bf16", "bf16-attn32", "bf16-conv")  # the same model, run in other number formats
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time")
 ap.add_argument("--steps", type=int, default=8, help="timed steps per variant")
 ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
 ap.add_argument("--batch-size", type=int, default=2, help="packed sequences per step (train.py --small: 2)")
+ap.add_argument("--alternate", choices=PRECISIONS, help="instead: time this variant against the preset in one "
+                "process, step by step on the same batches and model (the host's drift cancels), and print the ratio")
 ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: time one variant, print JSON
 args = ap.parse_args()
 
@@ -102,8 +110,37 @@ def build(variant, tok):
     return M.MMInterleaved(cfg)
 
 
-def run_one(variant):
-    """-> mean seconds per part over the timed steps, this process's peak RSS (MiB) and the last loss."""
+@contextlib.contextmanager
+def precision(variant):
+    """Run the forward pass inside in `variant`'s number formats (the backward follows the dtypes it recorded)."""
+    sdpa, conv = nn.functional.scaled_dot_product_attention, nn.Conv2d.forward
+
+    def attention_in_float32(q, k, v, *a, attn_mask=None, **kw):
+        with torch.autocast("cpu", enabled=False):
+            if attn_mask is not None and attn_mask.is_floating_point():
+                attn_mask = attn_mask.float()
+            return sdpa(q.float(), k.float(), v.float(), *a, attn_mask=attn_mask, **kw)
+
+    def conv_in_bf16(self, x):
+        if self.kernel_size == (1, 1):
+            return conv(self, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return conv(self, x).float()
+
+    # the model's modules look up F.scaled_dot_product_attention and Conv2d.forward at call time: they get these
+    if variant == "bf16-attn32":
+        nn.functional.scaled_dot_product_attention = attention_in_float32
+    if variant == "bf16-conv":
+        nn.Conv2d.forward = conv_in_bf16
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant in ("bf16", "bf16-attn32")):
+            yield
+    finally:
+        nn.functional.scaled_dot_product_attention, nn.Conv2d.forward = sdpa, conv
+
+
+def setup(variant):
+    """The model, optimiser, EMA and batches of a `variant` run, as train.py --small builds them."""
     small = dict(SMALL, batch_size=args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         tok = llm.Tokenizer.train(data.story_corpus(2000, 0), os.path.join(tmp, "tok"), 400)
@@ -118,54 +155,67 @@ def run_one(variant):
                                 cfg.llm.max_images - 1, 0, cfg.image_size, prefixes=small["prefixes"],
                                 first_frame_prob=small["first_frame_prob"],
                                 events_text_first=small["events_text_first"])
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant in ("bf16", "bf16-attn32"))
-    if variant == "bf16-attn32":  # the model's modules call F.scaled_dot_product_attention: they get this one
-        sdpa = nn.functional.scaled_dot_product_attention
+    return net, opt, ema, trainable, batches, small
 
-        def attention_in_float32(q, k, v, *a, attn_mask=None, **kw):
-            with torch.autocast("cpu", enabled=False):
-                if attn_mask is not None and attn_mask.is_floating_point():
-                    attn_mask = attn_mask.float()
-                return sdpa(q.float(), k.float(), v.float(), *a, attn_mask=attn_mask, **kw)
-        nn.functional.scaled_dot_product_attention = attention_in_float32
-    if variant == "bf16-conv":  # this subprocess times one variant, so patching the class is local to it
-        conv = nn.Conv2d.forward
 
-        def conv_in_bf16(self, x):
-            if self.kernel_size == (1, 1):
-                return conv(self, x)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return conv(self, x).float()
-        nn.Conv2d.forward = conv_in_bf16
+def step_parts(run, variant, step):
+    """One training step of `run` (setup's tuple) on batch `step` -> (forward, backward, update) seconds, loss."""
+    net, opt, ema, trainable, batches, small = run
+    batch = batches.batch(step, 0, 1)
+    gens = [torch.Generator().manual_seed(step * small["batch_size"] + j) for j in range(small["batch_size"])]
+    t0 = time.perf_counter()
+    with precision(variant):
+        res = net(batch["tokens"], batch["images"], batch["images_per_row"], generator=gens)
+    t1 = time.perf_counter()
+    res["loss"].backward()
+    t2 = time.perf_counter()
+    nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for k, v in net.state_dict().items():
+            if k in trainable:
+                ema[k].lerp_(v, 1 - small["ema"])
+    t3 = time.perf_counter()
+    if not torch.isfinite(res["loss"]):
+        sys.exit(f"bench_step.py: {variant}: loss is {res['loss'].item()} at step {step}")
+    return (t1 - t0, t2 - t1, t3 - t2), float(res["loss"])
+
+
+def run_one(variant):
+    """-> mean seconds per part over the timed steps, this process's peak RSS (MiB) and the last loss."""
+    run = setup(variant)
     parts = {"forward": 0.0, "backward": 0.0, "update": 0.0}
     for step in range(args.warmup + args.steps):
-        batch = batches.batch(step, 0, 1)
-        gens = [torch.Generator().manual_seed(step * small["batch_size"] + j) for j in range(small["batch_size"])]
-        t0 = time.perf_counter()
-        with autocast:
-            res = net(batch["tokens"], batch["images"], batch["images_per_row"], generator=gens)
-        t1 = time.perf_counter()
-        res["loss"].backward()
-        t2 = time.perf_counter()
-        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for k, v in net.state_dict().items():
-                if k in trainable:
-                    ema[k].lerp_(v, 1 - small["ema"])
-        t3 = time.perf_counter()
-        if not torch.isfinite(res["loss"]):
-            sys.exit(f"bench_step.py: {variant}: loss is {res['loss'].item()} at step {step}")
+        times, loss = step_parts(run, variant, step)
         if step >= args.warmup:
-            parts["forward"] += (t1 - t0) / args.steps
-            parts["backward"] += (t2 - t1) / args.steps
-            parts["update"] += (t3 - t2) / args.steps
+            for name, t in zip(parts, times):
+                parts[name] += t / args.steps
     parts["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    parts["loss_last"] = float(res["loss"])
+    parts["loss_last"] = loss
     return parts
 
 
+def alternate(variant):
+    """Batch s runs twice, as the preset and as `variant`, in turns (who goes first alternates); -> ratios."""
+    run = setup("preset")  # one model: the precisions change how it runs, not what it is
+    for step in range(args.warmup):
+        step_parts(run, "preset", step)
+        step_parts(run, variant, step)
+    ratios = []
+    for step in range(args.warmup, args.warmup + args.steps):
+        order = ("preset", variant) if step % 2 else (variant, "preset")
+        took = {v: sum(step_parts(run, v, step)[0]) for v in order}
+        ratios.append(took[variant] / took["preset"])
+        print(f"step {step}: preset {took['preset']:.3f} s, {variant} {took[variant]:.3f} s", flush=True)
+    return ratios
+
+
+if args.alternate:
+    r = torch.tensor(alternate(args.alternate), dtype=torch.float64)
+    print(f"{args.alternate} / preset, alternating in one process: {r.mean():.3f} ± {r.std() / len(r) ** 0.5:.3f} "
+          f"(mean ± standard error over {len(r)} steps)")
+    sys.exit(0)
 if args.one:
     print(json.dumps(run_one(args.one)))
     sys.exit(0)
