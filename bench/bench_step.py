@@ -34,10 +34,10 @@ timed (allocator and oneDNN warm-up). The variants:
                 preset has them from session 32).
 
 The ratio column is each variant's step time over the first variant's, measured in this one run. The variants run
-one after another, so a host whose pace drifts (the 2-core hosts here drift by 10-20 % within an hour) moves the
-ratios; `--alternate V` times a number-format variant (bf16, bf16-attn32, bf16-conv) against the preset on one
-model in one process, the two in turns on each batch, and prints the mean ratio ± its standard error. Do not run it beside
-a training run: two 2-thread processes on 2 cores slow each other several-fold.
+one after another, so a host whose pace drifts moves the ratios (the Intel Xeon of session 35 ran 1.59 to 1.91 s a
+step within two hours); `--alternate V` times a number-format variant (bf16, bf16-attn32, bf16-conv) against the
+preset on one model in one process, the two in turns on each batch, and prints the mean ratio ± its standard error.
+Do not run it beside a training run: two 2-thread processes on 2 cores slow each other several-fold.
 """
 import argparse
 import contextlib
