@@ -724,12 +724,23 @@ class StoryBatches:
     first frame is a caption (image first: no diffusion loss, so no UNet work) or a text-to-image example.
     `events_text_first=True` puts every event's sentence before its image, so each later frame is a continuation
     (the event told, then drawn) rather than a frame drawn before its event is told; first frames keep the coin,
-    so captions and text-to-image are untouched. Both are choices of the training mix, not of the data."""
+    so captions and text-to-image are untouched. Both are choices of the training mix, not of the data.
+
+    `balance_window=W` (> 0) trains the same rows in another order: the B·W rows of steps W·w .. W·w + W - 1 are
+    sorted by `row_work`, cut into W groups of B alike rows, and the groups trained in the order of their first
+    row. DDP ranks that each take a share of a step's rows then have about equal work and wait less for each other
+    at the gradient all-reduce (the small recipe's two one-row CPU processes, EXPERIMENTS.md). Every row is still
+    trained once per window, and a batch is still a pure function of (seed, step). `unet_passes` is the draws a
+    diffused image makes (MMConfig.noise_draws), which `row_work` counts."""
 
     def __init__(self, tokenizer, k, seq_len, batch_size, max_images, seed=0, size=32, prefixes=False,
-                 first_frame_prob=None, events_text_first=False):
+                 first_frame_prob=None, events_text_first=False, balance_window=0, unet_passes=1):
         if first_frame_prob is not None and not (prefixes and 0 <= first_frame_prob <= 1):
             raise ValueError(f"first_frame_prob {first_frame_prob}: a probability in [0, 1], and only with prefixes")
+        if balance_window < 0:
+            raise ValueError(f"balance_window {balance_window}: 0 (off) or a number of steps")
+        self.window, self.unet_passes = int(balance_window), unet_passes
+        self._cached = (None, {})  # (window, {row index: row}): the window's rows, built once for its W steps
         self.events_text_first = bool(events_text_first)
         self.stories = ShapeStories("train", seed, size)
         self.tok, self.k, self.seq_len, self.B, self.max_images, self.size = (tokenizer, k, seq_len, batch_size,
@@ -773,10 +784,39 @@ class StoryBatches:
         docs = self.row_documents(index)
         return [t for _, ids, _ in docs for t in ids], [im for _, _, images in docs for im in images]
 
+    def step_rows(self, step):
+        """The row indices of `step`'s global batch: step·B .. step·B + B - 1, or with balance_window its group
+        of B alike rows of the window (lightest first)."""
+        if not self.window:
+            return list(range(step * self.B, (step + 1) * self.B))
+        w, k = divmod(step, self.window)
+        rows = self.window_rows(w)
+        order = sorted(rows, key=lambda i: (row_work(rows[i][0], self.tok, self.unet_passes), i))
+        groups = sorted((order[g * self.B:(g + 1) * self.B] for g in range(self.window)), key=min)
+        return groups[k]
+
+    def window_rows(self, w):
+        """{index: row} of the W·B rows of window w, cached: every rank builds them all to know the groups."""
+        if self._cached[0] != w:
+            first = w * self.window * self.B
+            self._cached = (w, {i: self.row(i) for i in range(first, first + self.window * self.B)})
+        return self._cached[1]
+
     def batch(self, step, rank=0, world=1):
         """This rank's share (rows rank, rank + world, ...) of the global batch of `step`, collated."""
-        rows = [self.row(step * self.B + j) for j in range(rank, self.B, world)]
-        return collate(rows, self.tok.pad_id, self.size)
+        index = self.step_rows(step)[rank::world]
+        rows = [self.window_rows(step // self.window)[i] for i in index] if self.window else map(self.row, index)
+        return collate(list(rows), self.tok.pad_id, self.size)
+
+
+def row_work(ids, tok, unet_passes=1):
+    """A packed row's training cost in units of about one image through the UNet (forward and backward): each
+    diffused image (one whose <BoI> does not open its document) `unet_passes` of them, each image one more (the
+    ViT and its adapter), and one per 64 tokens (the LLM). The units are the small recipe's on the 2-core CPU: a
+    least-squares fit of one-row step times gave 43, 37 and 38 ms (EXPERIMENTS.md)."""
+    boi = [j for j, t in enumerate(ids) if t == tok.boi_id]
+    diffused = sum(1 for j in boi if j > 0 and ids[j - 1] != tok.bos_id)
+    return unet_passes * diffused + len(boi) + len(ids) / 64
 
 
 class DocumentBatches:

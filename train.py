@@ -111,6 +111,9 @@ g.add_argument("--first-frame-prob", metavar="P", help="share of training docume
 g.add_argument("--events-text-first", action=argparse.BooleanOptionalAction, help="every event's sentence before its "
                "image in training, so each later frame is a continuation (the small recipe: on; --no-events-text-first: "
                "the story's coin, image first for half of them)")
+g.add_argument("--balance-window", type=int, metavar="W", help="train each W steps' rows in groups of alike work, "
+               "so that DDP ranks wait less for each other; the same rows, in another order (the small recipe: 0, "
+               "in order; bench/bench_balance.py times it)")
 g.add_argument("--data", metavar="JSONL", help="train on an interleaved JSONL corpus instead of ShapeStories")
 g.add_argument("--clip", metavar="DIR", help="--paper: a CLIP checkpoint directory (ViT-L/14)")
 g.add_argument("--llm", metavar="DIR", help="--paper: a LLaMA/Vicuna directory with its tokenizer.model")
@@ -277,6 +280,11 @@ if args.events_text_first is not None:
     if args.paper or args.data:
         fail("--events-text-first: a ShapeStories recipe's mix; --paper and --data read documents as they are")
     settings_mix["events_text_first"] = args.events_text_first
+if args.balance_window is not None:
+    if args.paper or args.data or args.balance_window < 0:
+        fail(f"--balance-window {args.balance_window}: " + ("a ShapeStories recipe's order; --paper and --data read "
+             "documents in their own order" if args.paper or args.data else "a number of steps >= 0 (0: in order)"))
+    settings_mix["balance_window"] = args.balance_window
 if args.ema is not None and not 0 <= args.ema < 1:
     fail(f"--ema {args.ema}: a decay in [0, 1) (0: no average, the raw weights)")
 for d in args.ema_also or []:
@@ -528,7 +536,8 @@ try:
         batches = data.StoryBatches(tok, K, S.seq_len, S.batch_size, max_images, S.seed, cfg.image_size,
                                     prefixes=getattr(S, "prefixes", False),  # runs saved before the flag: off
                                     first_frame_prob=getattr(S, "first_frame_prob", None),
-                                    events_text_first=getattr(S, "events_text_first", False))
+                                    events_text_first=getattr(S, "events_text_first", False),
+                                    balance_window=getattr(S, "balance_window", 0), unet_passes=cfg.noise_draws)
 except ValueError as e:
     fail(str(e))
 

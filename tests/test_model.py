@@ -631,6 +631,46 @@ def test_story_batches_are_pure_and_split_by_rank(tiny_checkpoint):
         data.StoryBatches(tok, K, 40, 1, 7).batch(0)
 
 
+def test_balance_window_trains_the_same_rows_in_groups_of_alike_work(tiny_checkpoint):
+    _, tok = M.MMInterleaved.from_checkpoint(tiny_checkpoint)
+    mix = dict(seed=3, prefixes=True, first_frame_prob=0.6, events_text_first=True)
+    W, B = 4, 2
+    plain = data.StoryBatches(tok, K, 256, B, 7, **mix)
+    sb = data.StoryBatches(tok, K, 256, B, 7, balance_window=W, unet_passes=2, **mix)
+    gaps, plain_gaps = [], []
+    for w in range(3):
+        steps = range(w * W, (w + 1) * W)
+        groups = [sb.step_rows(s) for s in steps]
+        # every row of the window's W·B is trained once in it, B a step
+        assert sorted(i for g in groups for i in g) == list(range(w * W * B, (w + 1) * W * B))
+        work = {i: data.row_work(sb.row(i)[0], tok, 2) for g in groups for i in g}
+        spans = sorted((min(work[i] for i in g), max(work[i] for i in g)) for g in groups)
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # groups are runs of the sorted work
+        assert [min(g) for g in groups] == sorted(min(g) for g in groups)  # trained in the order of their first row
+        gaps += [hi - lo for lo, hi in spans]
+        plain_gaps += [abs(work[2 * s] - work[2 * s + 1]) for s in steps]
+        for s in steps:  # the rows are the plain ones, and each rank gets its share of them
+            a = sb.batch(s)
+            assert torch.equal(a["tokens"], data.collate([plain.row(i) for i in sb.step_rows(s)], tok.pad_id,
+                                                         32)["tokens"])
+            r1 = sb.batch(s, rank=1, world=2)
+            assert torch.equal(r1["tokens"][0], a["tokens"][1, :r1["tokens"].shape[1]])
+    assert sum(gaps) < sum(plain_gaps)  # the ranks' work is closer than in the plain order
+    fresh = data.StoryBatches(tok, K, 256, B, 7, balance_window=W, unet_passes=2, **mix)
+    assert torch.equal(fresh.batch(5)["images"], sb.batch(5)["images"])  # a pure function of the step, not of the cache
+    with pytest.raises(ValueError, match="balance_window"):
+        data.StoryBatches(tok, K, 256, B, 7, balance_window=-1)
+
+
+def test_row_work_counts_diffused_images_images_and_tokens():
+    tok = type("T", (), dict(bos_id=BOS, boi_id=BOI))()
+    caption = [BOS] + image_run() + [5, 6, EOS]  # the image opens its document: no UNet
+    drawn = [BOS, 5, 6] + image_run() + [EOS]  # text first: the UNet draws it
+    assert data.row_work(caption, tok, 2) == 1 + len(caption) / 64
+    assert data.row_work(drawn, tok, 2) == 2 + 1 + len(drawn) / 64
+    assert data.row_work(caption + drawn, tok, 3) == 3 + 2 + (len(caption) + len(drawn)) / 64
+
+
 def test_story_prefixes_are_seeded_prefixes_of_every_length():
     full = data.StoryBatches(None, K, 256, 4, 7, seed=3)
     pre = data.StoryBatches(None, K, 256, 4, 7, seed=3, prefixes=True)

@@ -359,6 +359,21 @@ def test_events_text_first_flag_changes_the_batches_and_survives_resume(full_run
     assert losses(off) == mixed[:3]
 
 
+def test_balance_window_flag_reorders_the_rows_and_survives_resume(full_run, tmp_path):
+    for bad in (("--balance-window", "-1"), ("--balance-window", "2", "--data", "x.jsonl")):
+        refused(tmp_path / "bad", *bad, says="--balance-window")
+    out = tmp_path / "balanced"
+    assert run("--out", out, "--balance-window", 2, "--stop-at", 3).returncode == 0  # stops inside a window
+    r = run("--out", out, "--resume")  # the order comes back from the run's state, not from the command line
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "train" / "state.json").read_text())["settings"]["balance_window"] == 2
+    paired, plain = losses(out), losses(full_run)
+    assert len(paired) == 6 and all(torch.isfinite(torch.tensor(paired))) and paired != plain  # rows moved
+    off = tmp_path / "in-order"  # 0 is the plain order: the default's batches and losses
+    assert run("--out", off, "--balance-window", 0, "--stop-at", 3).returncode == 0
+    assert losses(off) == plain[:3]
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     r = run("--out", tmp_path, "--lr", "1e30", "--save-every", 1)
     assert r.returncode != 0 and "loss is" in r.stderr and "Traceback" not in r.stderr
