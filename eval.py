@@ -10,7 +10,8 @@ detector and parser of data.py read the outputs back), then `evaluate`, the tabl
      (exact, objects right, and colour / shape / size right at each object's place);
   2. text-to-image: `<s>` scene sentence `<BoI>` -> a frame, the objects it names looked up by colour and shape;
      with --rerank K also the best of K frames, the one the model itself captions likeliest (the same task with a
-     generate-then-rank sampler: the rows "best of --rerank", beside the plain drawing's);
+     generate-then-rank sampler: the rows "best of --rerank", beside the plain drawing's), and the bound a perfect
+     ranker of those K frames would reach (the detector picking: it reads the answer, so it is no sampler);
   3. continuation: first frame, scene sentence, first event, `<BoI>` -> the next frame; centroid errors (px) of the
      objects the event left alone and of the moved one against where the event put it (inf when missing), and of
      the unmoved ones matched on shape alone (a copy in place in the wrong colour counts there), and the unmoved
@@ -115,7 +116,8 @@ def rerank_task(model, tok, stories, args, first):
     """Best of --rerank K drawings per scene sentence, by the model's own reading: log p(sentence | frame) with the
     frame first, as a caption, for each candidate -> (frames, chosen candidate per story). Candidate 0 is `first`,
     the t2i task's drawing, so a story's best is never worse-scored than its plain one; candidate j > 0 draws with
-    seed + 1000 j. A generate-then-rank sampler (as DALL-E's CLIP reranking), with the model as its own ranker."""
+    seed + 1000 j. A generate-then-rank sampler (as DALL-E's CLIP reranking), with the model as its own ranker.
+    Also returns the K candidates' frames (K lists of n), for the detector's bound in `evaluate`."""
     size = model.cfg.image_size
     cands = [first] + [t2i_task(model, tok, stories, args, args.seed + 1000 * j, f"candidate {j}")
                        for j in range(1, args.rerank)]
@@ -130,7 +132,7 @@ def rerank_task(model, tok, stories, args, first):
         scores.append(torch.cat(part_scores))
     best = torch.stack(scores).argmax(0).tolist()                                          # (n,) candidate index
     log(f"  reranked {len(stories)}: the plain drawing kept for {best.count(0)}")
-    return [cands[j][i] for i, j in enumerate(best)], best
+    return [cands[j][i] for i, j in enumerate(best)], best, cands
 
 
 def continuation_task(model, tok, stories, args):
@@ -292,12 +294,16 @@ def evaluate(model, tok, stories, args):
         if name == "t2i" and args.rerank > 1:  # the same drawings, then K - 1 more, the best by the model's reading
             t0 = time.time()
             log(f"text-to-image, best of {args.rerank}:")
-            outputs["t2i_best"], chosen = rerank_task(model, tok, stories, args, outputs["t2i"])
+            outputs["t2i_best"], chosen, cands = rerank_task(model, tok, stories, args, outputs["t2i"])
             best = score_t2i(stories, outputs["t2i_best"])
             metrics.update({k.replace("t2i_", "t2i_best_"): v for k, v in best.items() if k != "t2i_objects_other"})
             metrics["t2i_best_plain_kept"] = rate([j == 0 for j in chosen])
             plain = metrics["t2i_objects"]  # the same stories and objects: the gain, paired story by story
             metrics["t2i_best_gain"] = ratio(best["t2i_objects"].num - plain.num, plain.den)
+            # the candidate the detector itself would keep: what a perfect ranker of these K drawings could reach.
+            # A bound that reads the answer, never a sampler: it says how much is the ranker's to win
+            found = np.max([score_t2i(stories, c)["t2i_objects"].num for c in cands], axis=0)    # (n,)
+            metrics["t2i_best_bound"] = ratio(found, plain.den)
             log(f"  done in {time.time() - t0:.1f} s")
     return metrics, outputs
 
@@ -320,6 +326,7 @@ ROWS = [  # (key, label, as a percentage?)
     ("t2i_best_extra", "text->image, best of --rerank: extra objects / frame", False),
     ("t2i_best_gain", "text->image, best of --rerank: objects found, gain", True),
     ("t2i_best_plain_kept", "text->image, best of --rerank: the plain drawing kept", True),
+    ("t2i_best_bound", "text->image, best of --rerank by the detector (a bound)", True),
     ("unmoved_median_px", "continuation: unmoved median error (px)", False),
     ("unmoved_found", "continuation: unmoved found", True),
     ("unmoved_found_px", "continuation: unmoved found: median error (px)", False),

@@ -28,7 +28,7 @@ KEYS = set(FRACTIONS) | set(GAPS) | {"t2i_extra", "t2i_objects_other", "unmoved_
                                      "moved_median_px", "moved_count", "cont_extra", "unmoved_found_px",
                                      "moved_found_px", "unmoved_shape_median_px", "unmoved_shape_found_px",
                                      "unmoved_shape_count"}
-BEST_FRACTIONS = ["t2i_best_objects", "t2i_best_exact", "t2i_best_plain_kept"]  # with --rerank K > 1 only
+BEST_FRACTIONS = ["t2i_best_objects", "t2i_best_exact", "t2i_best_plain_kept", "t2i_best_bound"]  # --rerank K > 1
 BEST = set(BEST_FRACTIONS) | {"t2i_best_extra", "t2i_best_gain"}
 
 
@@ -171,8 +171,9 @@ def test_rerank_keeps_the_drawing_the_model_captions_likeliest(loaded):
     model, tok = loaded
     stories, args = _stories(5), _args(rerank=3, steps=2, batch_size=2)
     first = ev.t2i_task(model, tok, stories, args)
-    frames, best = ev.rerank_task(model, tok, stories, args, first)
+    frames, best, got = ev.rerank_task(model, tok, stories, args, first)
     cands = [first] + [ev.t2i_task(model, tok, stories, _args(seed=1000 * j, steps=2, batch_size=2)) for j in (1, 2)]
+    assert all(np.array_equal(a, b) for c, g in zip(cands, got, strict=True) for a, b in zip(c, g, strict=True))
     assert not np.array_equal(cands[0][0], cands[1][0])  # other noise, other frames
     k = model.cfg.num_image_tokens
     texts = [tok.encode(s.sentences[0], bos=False) for s in stories]
@@ -220,6 +221,8 @@ def test_cli_compare_writes_json_and_images(tiny_checkpoint, tmp_path, capsys):
         assert v is None or (math.isfinite(v) and 0 <= v <= 1), (k, v)
     m = a["metrics"]  # the gain is the best-of-K rate minus the plain one, over the same objects
     assert m["t2i_best_gain"] == pytest.approx(m["t2i_best_objects"] - m["t2i_objects"], abs=1e-12)
+    # the detector's pick finds at least what the model's pick and the plain drawing find, story by story
+    assert m["t2i_best_bound"] >= max(m["t2i_best_objects"], m["t2i_objects"]) - 1e-12
     for k in ("t2i_extra", "cont_extra", "unmoved_median_px", "moved_median_px", "unmoved_found_px", "moved_found_px",
               "unmoved_shape_median_px"):
         v = a["metrics"][k]
