@@ -812,8 +812,9 @@ class StoryBatches:
 def row_work(ids, tok, unet_passes=1):
     """A packed row's training cost in units of about one image through the UNet (forward and backward): each
     diffused image (one whose <BoI> does not open its document) `unet_passes` of them, each image one more (the
-    ViT and its adapter), and one per 64 tokens (the LLM). The units are the small recipe's on the 2-core CPU: a
-    least-squares fit of one-row step times gave 43, 37 and 38 ms (EXPERIMENTS.md)."""
+    ViT and its adapter), and one per 64 tokens (the LLM). The units are the small recipe's: a least-squares fit
+    of one-row forward and backward times in one thread on the 2-core Intel Xeon gave 43, 37 and 38 ms
+    (EXPERIMENTS.md: "The ranks' wait")."""
     boi = [j for j, t in enumerate(ids) if t == tok.boi_id]
     diffused = sum(1 for j in boi if j > 0 and ids[j - 1] != tok.bos_id)
     return unet_passes * diffused + len(boi) + len(ids) / 64
