@@ -740,7 +740,7 @@ class StoryBatches:
         if balance_window < 0:
             raise ValueError(f"balance_window {balance_window}: 0 (off) or a number of steps")
         self.window, self.unet_passes = int(balance_window), unet_passes
-        self._cached = (None, {})  # (window, {row index: row}): the window's rows, built once for its W steps
+        self._cached = (None, {}, [])  # (window, {row index: row}, its groups): built once for the window's W steps
         self.events_text_first = bool(events_text_first)
         self.stories = ShapeStories("train", seed, size)
         self.tok, self.k, self.seq_len, self.B, self.max_images, self.size = (tokenizer, k, seq_len, batch_size,
@@ -790,23 +790,25 @@ class StoryBatches:
         if not self.window:
             return list(range(step * self.B, (step + 1) * self.B))
         w, k = divmod(step, self.window)
-        rows = self.window_rows(w)
-        order = sorted(rows, key=lambda i: (row_work(rows[i][0], self.tok, self.unet_passes), i))
-        groups = sorted((order[g * self.B:(g + 1) * self.B] for g in range(self.window)), key=min)
+        _, groups = self._window(w)
         return groups[k]
 
-    def window_rows(self, w):
-        """{index: row} of the W·B rows of window w, cached: every rank builds them all to know the groups."""
+    def _window(self, w):
+        """({index: row} of the W·B rows of window w, its W groups in training order), cached: every rank builds
+        all the rows to know the groups."""
         if self._cached[0] != w:
             first = w * self.window * self.B
-            self._cached = (w, {i: self.row(i) for i in range(first, first + self.window * self.B)})
-        return self._cached[1]
+            rows = {i: self.row(i) for i in range(first, first + self.window * self.B)}
+            order = sorted(rows, key=lambda i: (row_work(rows[i][0], self.tok, self.unet_passes), i))
+            groups = sorted((order[g * self.B:(g + 1) * self.B] for g in range(self.window)), key=min)
+            self._cached = (w, rows, groups)
+        return self._cached[1:]
 
     def batch(self, step, rank=0, world=1):
         """This rank's share (rows rank, rank + world, ...) of the global batch of `step`, collated."""
         index = self.step_rows(step)[rank::world]
-        rows = [self.window_rows(step // self.window)[i] for i in index] if self.window else map(self.row, index)
-        return collate(list(rows), self.tok.pad_id, self.size)
+        built = self._window(step // self.window)[0] if self.window else {}  # the window's rows, built once
+        return collate([built[i] if i in built else self.row(i) for i in index], self.tok.pad_id, self.size)
 
 
 def row_work(ids, tok, unet_passes=1):

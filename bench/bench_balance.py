@@ -12,7 +12,6 @@ preset as train.py builds it (fresh init, AdamW with one group, clipping, no EMA
 which does not change what a step costs. Do not run it beside anything else: two processes use both cores.
 """
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile
@@ -27,10 +26,9 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data  # noqa: E402
 import llm  # noqa: E402
 import model as M  # noqa: E402
-from bench.recipe import train_preset  # noqa: E402
+from bench.recipe import small_batches, small_config, small_tokenizer, train_preset  # noqa: E402
 
 SMALL = train_preset("small")
 
@@ -41,19 +39,13 @@ def worker(rank, args, tok_path, port):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")  # as train.py
     tok = llm.Tokenizer(tok_path)
-    cfg = M.preset("small", bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
-    cfg.noise_draws, cfg.stratified_timesteps = SMALL["noise_draws"], SMALL["stratified_timesteps"]
+    cfg = small_config(tok)
     torch.manual_seed(0)
     net = M.MMInterleaved(cfg)
     net.train()
     model = nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.AdamW(net.parameters(), lr=SMALL["lr"], betas=(0.9, 0.99), weight_decay=0.05)
-    mix = dict(prefixes=SMALL["prefixes"], first_frame_prob=SMALL["first_frame_prob"],
-               events_text_first=SMALL["events_text_first"])
-    orders = {w: data.StoryBatches(tok, cfg.num_image_tokens, SMALL["seq_len"], 2, cfg.llm.max_images - 1, 0,
-                                   cfg.image_size, balance_window=w, unet_passes=cfg.noise_draws, **mix)
-              for w in (0, args.window)}
+    orders = {w: small_batches(tok, cfg, 2, balance_window=w, unet_passes=cfg.noise_draws) for w in (0, args.window)}
 
     def step(batches, s):
         b = batches.batch(s, rank, 2)
@@ -98,7 +90,7 @@ def main():
     if args.window < 1 or args.windows < 2:
         sys.exit("bench_balance.py: --window must be >= 1 and --windows >= 2")
     with tempfile.TemporaryDirectory() as tmp:  # the --small tokenizer, trained once for both processes
-        tok = llm.Tokenizer.train(data.story_corpus(SMALL["corpus"], 0), os.path.join(tmp, "tok"), SMALL["vocab"])
+        tok = small_tokenizer(tmp)
         mp.spawn(worker, args=(args, str(tok.path), args.port), nprocs=2)
 
 

@@ -56,11 +56,9 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data  # noqa: E402
-import llm  # noqa: E402
 import model as M  # noqa: E402
 import unet  # noqa: E402
-from bench.recipe import train_preset  # noqa: E402
+from bench.recipe import small_batches, small_config, small_tokenizer, train_preset  # noqa: E402
 
 SMALL = train_preset("small")  # train.py's recipe, read from its source once
 
@@ -81,8 +79,7 @@ args = ap.parse_args()
 
 def build(variant, tok):
     """The --small model of `variant`, initialised as train.py does (seed 0)."""
-    cfg = M.preset("small", bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
+    cfg = small_config(tok)
     if variant == "attn8":  # train.py --unet-attn-side 8
         cfg.unet = unet.with_attention(cfg.unet, 8)
     if variant == "attn16up":  # train.py --unet-attn-side 8,16
@@ -95,9 +92,9 @@ def build(variant, tok):
         cfg.unet = dataclasses.replace(cfg.unet, block_out_channels=tuple(2 * c for c in cfg.unet.block_out_channels))
     if variant == "unet-l2":
         cfg.unet = dataclasses.replace(cfg.unet, layers_per_block=2)
-    cfg.noise_draws = 1 if variant in ("draws1", "t2i3") else SMALL.get("noise_draws", 1)
+    if variant in ("draws1", "t2i3"):
+        cfg.noise_draws = 1
     cfg.noise_draws_t2i = 3 if variant == "t2i3" else 0
-    cfg.stratified_timesteps = SMALL.get("stratified_timesteps", False)  # which t each draw takes: no cost
     if variant == "ahead0":
         cfg = dataclasses.replace(cfg, ahead_tokens=0)
     if "mmfs32" in variant:
@@ -143,18 +140,14 @@ def setup(variant):
     """The model, optimiser, EMA and batches of a `variant` run, as train.py --small builds them."""
     small = dict(SMALL, batch_size=args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
-        tok = llm.Tokenizer.train(data.story_corpus(2000, 0), os.path.join(tmp, "tok"), 400)
+        tok = small_tokenizer(tmp)
     net = build(variant, tok)
     net.train()
     # one AdamW group instead of train.py's four: the groups change learning rates and decay, not the cost
     opt = torch.optim.AdamW(net.parameters(), lr=small["lr"], betas=(0.9, 0.99), weight_decay=0.05)
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
-    cfg = net.cfg
-    batches = data.StoryBatches(tok, cfg.num_image_tokens, small["seq_len"], small["batch_size"],
-                                cfg.llm.max_images - 1, 0, cfg.image_size, prefixes=small["prefixes"],
-                                first_frame_prob=small["first_frame_prob"],
-                                events_text_first=small["events_text_first"])
+    batches = small_batches(tok, net.cfg, small["batch_size"])
     return net, opt, ema, trainable, batches, small
 
 

@@ -12,7 +12,6 @@ only as a whole.
 Do not run it beside a training run: two 2-thread processes on 2 cores slow each other several-fold.
 """
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile
@@ -25,10 +24,8 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data  # noqa: E402
-import llm  # noqa: E402
 import model as M  # noqa: E402
-from bench.recipe import train_preset  # noqa: E402
+from bench.recipe import small_batches, small_config, small_tokenizer, train_preset  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--steps", type=int, default=4, help="timed steps")
@@ -37,16 +34,11 @@ args = ap.parse_args()
 
 SMALL = train_preset("small")
 with tempfile.TemporaryDirectory() as tmp:
-    tok = llm.Tokenizer.train(data.story_corpus(SMALL["corpus"], 0), os.path.join(tmp, "tok"), SMALL["vocab"])
-cfg = M.preset("small", bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
-cfg.noise_draws = SMALL.get("noise_draws", 1)
-cfg.stratified_timesteps = SMALL.get("stratified_timesteps", False)
+    tok = small_tokenizer(tmp)
+cfg = small_config(tok)
 torch.manual_seed(0)
 net = M.MMInterleaved(cfg).train()
-batches = data.StoryBatches(tok, cfg.num_image_tokens, SMALL["seq_len"], SMALL["batch_size"], cfg.llm.max_images - 1,
-                            0, cfg.image_size, prefixes=SMALL["prefixes"], first_frame_prob=SMALL["first_frame_prob"],
-                            events_text_first=SMALL["events_text_first"])
+batches = small_batches(tok, cfg)
 
 spent, value_shape = defaultdict(float), []  # seconds of this step per part; the UNet MMFS value tensor's shape
 

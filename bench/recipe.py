@@ -20,3 +20,34 @@ def train_preset(name, path=TRAIN_PY):
                 raise KeyError(f"{path}: no preset {name!r} in PRESETS (it has {', '.join(table)})")
             return dict(table[name])
     raise KeyError(f"{path}: no top-level PRESETS = {{...}} assignment")
+
+
+def small_tokenizer(directory, seed=0):
+    """train.py --small's tokenizer (its corpus and vocabulary), trained into `directory`."""
+    import data
+    import llm
+    small = train_preset("small")
+    return llm.Tokenizer.train(data.story_corpus(small["corpus"], seed), str(Path(directory) / "tok"), small["vocab"])
+
+
+def small_config(tok):
+    """train.py --small's MMConfig for tokenizer `tok`: its ids and vocabulary, and the recipe's noise draws."""
+    import dataclasses
+    import model as M
+    small = train_preset("small")
+    cfg = M.preset("small", bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    cfg.llm = dataclasses.replace(cfg.llm, vocab_size=tok.n_vocab)
+    cfg.noise_draws = small.get("noise_draws", 1)
+    cfg.stratified_timesteps = small.get("stratified_timesteps", False)  # which t each draw takes: no cost
+    return cfg
+
+
+def small_batches(tok, cfg, batch_size=None, **options):
+    """The batches train.py --small --seed 0 trains on (`batch_size` rows a step, default the recipe's; `options`
+    are more StoryBatches arguments, such as balance_window)."""
+    import data
+    small = train_preset("small")
+    return data.StoryBatches(tok, cfg.num_image_tokens, small["seq_len"], batch_size or small["batch_size"],
+                             cfg.llm.max_images - 1, 0, cfg.image_size, prefixes=small["prefixes"],
+                             first_frame_prob=small["first_frame_prob"],
+                             events_text_first=small["events_text_first"], **options)
