@@ -402,6 +402,15 @@ def test_procs_starts_ddp_processes_that_match_one_and_resume_exactly(full_run, 
     assert len(two) == 6 and two == pytest.approx(losses(full_run), rel=1e-4)
     # interrupted after step 3 and resumed (the layout --small resumes in): the uninterrupted run, bit for bit
     assert run("--out", tmp_path / "q", "--procs", 2, "--stop-at", 3).returncode == 0
+    # each rank kept the AdamW moments of about half the parameters (ZeRO stage 1); the checkpoint holds all of
+    # them, in the one-process layout, so one process resumes it too and goes on as the two did
+    saved = torch.load(tmp_path / "q" / "train" / "optimizer.pt", weights_only=True)["optimizer"]
+    n_trained = sum(p.requires_grad for p in M.MMInterleaved.from_checkpoint(tmp_path / "q")[0].parameters())
+    assert len(saved["state"]) == n_trained == sum(len(g["params"]) for g in saved["param_groups"])
+    shutil.copytree(tmp_path / "q", tmp_path / "q1")
+    r = run("--out", tmp_path / "q1", "--procs", 1, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert losses(tmp_path / "q1") == pytest.approx(two, rel=1e-4)
     r = run("--out", tmp_path / "q", "--procs", 2, "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     assert losses(tmp_path / "q") == two
