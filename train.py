@@ -59,7 +59,8 @@ PRESETS = {
     # 58.3 / 61.8 / 61.0 % in text-to-image (EXPERIMENTS.md: "A shorter average")
     "small": dict(model="small", steps=2100, batch_size=2, seq_len=512, lr=1e-3, warmup=50, vocab=400, corpus=2000,
                   ema=0.99, unet_lr_scale=1.0, prefixes=True, first_frame_prob=0.6, events_text_first=True,
-                  noise_draws=2, stratified_timesteps=True, log_every=10, save_every=100, out="out/small"),
+                  noise_draws=2, stratified_timesteps=True, balance_window=8, log_every=10, save_every=100,
+                  out="out/small"),
     # the released sizes from CLIP ViT-L/14, Vicuna-13B and SD 2.1-base (--clip/--llm/--sd) on a --data corpus: the
     # authors' optimisation (reference §7.2); needs large GPUs, never run on this project's CPU machines
     "paper": dict(model="paper", steps=15000, batch_size=4, seq_len=2048, lr=1e-4, warmup=1000, ema=0.0,
@@ -126,6 +127,10 @@ g.add_argument("--lr", type=float, help="peak learning rate (warm-up, then cosin
 g.add_argument("--seed", type=int, default=0, help="seeds the init, the data and every random draw")
 g.add_argument("--ema", type=float, metavar="D", help="decay of the weights' moving average that model.safetensors "
                "holds and sampling uses (0: the raw weights; 0.99 in --small)")
+g.add_argument("--conv-bf16", action=argparse.BooleanOptionalAction, help="CPU only: every convolution wider than "
+               "1x1 (the UNet's, the ViT-Adapter's) in bfloat16, its output back in float32; the rest stays float32. "
+               "Default: on for --small on a CPU with native bfloat16 (AVX512-BF16 or AMX), where it takes ~0.94 of a "
+               "step (bench_step.py --alternate bf16-conv); off otherwise. Saved with the run, so --resume keeps it")
 g.add_argument("--ema-also", type=float, nargs="+", metavar="D", help="more decays whose averages are kept beside "
                "--ema's, each written as a checkpoint to DIR/ema-D/, so that one run compares them (eval.py --compare)")
 g = ap.add_argument_group("output")
@@ -293,6 +298,8 @@ for d in args.ema_also or []:
         fail(f"--ema-also {d}: a decay in (0, 1)")
 if args.paper and args.prediction_type:
     fail("--prediction-type is for the recipes trained from scratch; the paper UNet keeps its scheduler's")
+if args.conv_bf16 and not device.startswith("cpu"):
+    fail("--conv-bf16 is for CPUs; on CUDA the whole step already runs under bfloat16 autocast")
 if args.paper and args.no_mmfs:
     fail("--no-mmfs is an ablation of the small recipe; the paper preset always has MMFS")
 out = Path(args.out or PRESETS[preset_name]["out"])
@@ -318,6 +325,10 @@ try:
                   "stratified_timesteps"):
             if getattr(args, k) is not None:
                 settings[k] = getattr(args, k)
+        # --small's CPU fast path, decided once for the run (the parent and its ranks decide alike) and saved
+        native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()  # AVX512-BF16 (with AMX too)
+        settings["conv_bf16"] = args.conv_bf16 if args.conv_bf16 is not None else (
+            preset_name == "small" and device == "cpu" and native_bf16)
 except (weights.WeightsError, KeyError) as e:
     fail(f"{state_file}: not a readable training state ({e})")
 S = argparse.Namespace(**settings)
@@ -420,6 +431,25 @@ else:
     except ValueError as e:
         fail(str(e))
 raw = model
+
+
+def in_bfloat16(conv):
+    """`conv`'s forward under CPU autocast to bfloat16, its output back in float32 (the backward follows the
+    recorded casts, so the weight's gradient is float32 too). oneDNN's bfloat16 convolutions are 2.5-5x faster on
+    CPUs with AVX512-BF16 or AMX; bfloat16 matrix products and attention are not, at this model's small and
+    ever-changing shapes, so everything else stays float32 (EXPERIMENTS.md: bfloat16 on the AMX)."""
+    plain = conv.forward
+
+    def forward(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return plain(x).float()
+    return forward
+
+
+if getattr(S, "conv_bf16", False) and device == "cpu":  # on CUDA the whole step already runs under bf16 autocast
+    for m in raw.modules():
+        if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1):  # 1x1 convolutions are matrix products: kept
+            m.forward = in_bfloat16(m)
 if ddp:
     # oneDNN hands back some 1x1 / depthwise convolution weight gradients in another memory layout than DDP's
     # bucket; DDP copies them in (a few small tensors a step) and warns once per process: not worth the noise

@@ -43,10 +43,11 @@ def small_config(tok):
 
 
 def small_batches(tok, cfg, batch_size=None, **options):
-    """The batches train.py --small --seed 0 trains on (`batch_size` rows a step, default the recipe's; `options`
-    are more StoryBatches arguments, such as balance_window)."""
+    """The batches train.py --small --seed 0 trains on, in its order (`batch_size` rows a step, default the recipe's;
+    `options` are more StoryBatches arguments: balance_window=0 gives the plain order)."""
     import data
     small = train_preset("small")
+    options = {"balance_window": small.get("balance_window", 0), "unet_passes": cfg.noise_draws, **options}
     return data.StoryBatches(tok, cfg.num_image_tokens, small["seq_len"], batch_size or small["batch_size"],
                              cfg.llm.max_images - 1, 0, cfg.image_size, prefixes=small["prefixes"],
                              first_frame_prob=small["first_frame_prob"],

@@ -104,7 +104,8 @@ def test_benches_read_the_recipe_train_py_runs(full_run):
     tiny = train_preset("tiny")
     assert tiny and {k: settings[k] for k in tiny} == tiny
     small = train_preset("small")  # what bench_step.py and data_mix.py build batches from
-    assert {"batch_size", "seq_len", "prefixes", "first_frame_prob", "events_text_first"} <= small.keys()
+    assert {"batch_size", "seq_len", "prefixes", "first_frame_prob", "events_text_first",
+            "balance_window"} <= small.keys()
     with pytest.raises(KeyError, match="no preset 'huge'"):
         train_preset("huge")
 
@@ -372,6 +373,23 @@ def test_balance_window_flag_reorders_the_rows_and_survives_resume(full_run, tmp
     off = tmp_path / "in-order"  # 0 is the plain order: the default's batches and losses
     assert run("--out", off, "--balance-window", 0, "--stop-at", 3).returncode == 0
     assert losses(off) == plain[:3]
+
+
+def test_conv_bf16_flag_changes_the_numerics_and_survives_resume(full_run, tmp_path):
+    # the tiny preset keeps float32 convolutions (the default decides per preset and CPU); the flag turns them on
+    assert json.loads((full_run / "train" / "state.json").read_text())["settings"]["conv_bf16"] is False
+    out, whole = tmp_path / "bf16", tmp_path / "bf16-whole"
+    assert run("--out", out, "--conv-bf16", "--stop-at", 3).returncode == 0
+    r = run("--out", out, "--resume")  # the format comes back from the run's state, not from the command line
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "train" / "state.json").read_text())["settings"]["conv_bf16"] is True
+    r = run("--out", whole, "--conv-bf16")
+    assert r.returncode == 0, r.stderr
+    assert losses(out) == losses(whole)  # exact resume holds in bfloat16 too
+    bf16, fp32 = torch.tensor(losses(out)), torch.tensor(losses(full_run))
+    # bfloat16 keeps 8 bits of mantissa: the losses move (the convolutions really ran in it), but not far
+    assert torch.isfinite(bf16).all() and not torch.equal(bf16, fp32)
+    assert bf16.tolist() == pytest.approx(fp32.tolist(), rel=0.05)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
