@@ -440,7 +440,7 @@ def in_bfloat16(conv):
     """`conv`'s forward under CPU autocast to bfloat16, its output back in float32 (the backward follows the
     recorded casts, so the weight's gradient is float32 too). oneDNN's bfloat16 convolutions are 2.5-5x faster on
     CPUs with AVX512-BF16 or AMX; bfloat16 matrix products and attention are not, at this model's small and
-    ever-changing shapes, so everything else stays float32 (EXPERIMENTS.md: bfloat16 on the AMX)."""
+    ever-changing shapes, so everything else stays float32 (EXPERIMENTS.md: "... and bfloat16 on its AMX")."""
     plain = conv.forward
 
     def forward(x):
