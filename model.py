@@ -181,6 +181,25 @@ def without_mmfs(cfg):
     return cfg
 
 
+def convolutions_in_bfloat16(net, when=lambda: True):
+    """Run every convolution of `net` wider than 1x1 (the UNet's, the ViT-Adapter's) under CPU autocast to bfloat16
+    while `when()` is true, its output back in float32; the backward follows the recorded casts, so the weights'
+    gradients stay float32 (train.py --conv-bf16). oneDNN's bfloat16 convolutions are 2.5-5x faster on CPUs with
+    AVX512-BF16 or AMX; its bfloat16 matrix products and attention are not, at this model's small and ever-changing
+    shapes, so everything else stays float32 (EXPERIMENTS.md: "... and bfloat16 on its AMX"). 1x1 convolutions are
+    matrix products: kept. Changes `net` in place (each module's forward); nothing in its weights or checkpoint."""
+    def wrap(plain):
+        def forward(x):
+            if not when():
+                return plain(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return plain(x).float()
+        return forward
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1):
+            m.forward = wrap(m.forward)
+
+
 def ce_sum(logits, targets):
     """Summed cross-entropy of logits (..., V) against targets (...) in float32; -100 targets are skipped. The text
     losses are sums, divided by the global count of text targets, so that DDP ranks add up to the global mean."""

@@ -118,7 +118,7 @@ g.add_argument("--events-text-first", action=argparse.BooleanOptionalAction, hel
                "the story's coin, image first for half of them)")
 g.add_argument("--balance-window", type=int, metavar="W", help="train each W steps' rows in groups of alike work, "
                "so that DDP ranks wait less for each other; the same rows, in another order (the small recipe: 8; "
-               "0: in order; bench/bench_balance.py times it)")
+               "0: in order; bench/bench_ddp_step.py --savings order times it)")
 g.add_argument("--data", metavar="JSONL", help="train on an interleaved JSONL corpus instead of ShapeStories")
 g.add_argument("--clip", metavar="DIR", help="--paper: a CLIP checkpoint directory (ViT-L/14)")
 g.add_argument("--llm", metavar="DIR", help="--paper: a LLaMA/Vicuna directory with its tokenizer.model")
@@ -435,24 +435,8 @@ else:
         fail(str(e))
 raw = model
 
-
-def in_bfloat16(conv):
-    """`conv`'s forward under CPU autocast to bfloat16, its output back in float32 (the backward follows the
-    recorded casts, so the weight's gradient is float32 too). oneDNN's bfloat16 convolutions are 2.5-5x faster on
-    CPUs with AVX512-BF16 or AMX; bfloat16 matrix products and attention are not, at this model's small and
-    ever-changing shapes, so everything else stays float32 (EXPERIMENTS.md: "... and bfloat16 on its AMX")."""
-    plain = conv.forward
-
-    def forward(x):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return plain(x).float()
-    return forward
-
-
 if getattr(S, "conv_bf16", False) and device == "cpu":  # on CUDA the whole step already runs under bf16 autocast
-    for m in raw.modules():
-        if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1):  # 1x1 convolutions are matrix products: kept
-            m.forward = in_bfloat16(m)
+    M.convolutions_in_bfloat16(raw)
 if ddp:
     # oneDNN hands back some 1x1 / depthwise convolution weight gradients in another memory layout than DDP's
     # bucket; DDP copies them in (a few small tensors a step) and warns once per process: not worth the noise

@@ -2,16 +2,19 @@
 
     python bench/bench_ddp_step.py                          # all three savings: 8 windows of 8 steps
     python bench/bench_ddp_step.py --savings conv-bf16      # one of them alone
+    python bench/bench_ddp_step.py --savings order --window 16 --windows 12   # rows paired over 16 steps
 
 On a 2-core CPU `train.py --small` runs two one-thread DDP processes, a row each. Since session 37 the recipe saves
 time in three ways that a single-process bench cannot show together:
   order      each 8 steps' 16 rows trained in pairs of alike work (`--balance-window 8`), so the rank with the
-             lighter row waits less at the gradient all-reduce (bench_balance.py times it alone);
+             lighter row waits less at the gradient all-reduce (`--savings order` times it alone, as session
+             36's bench_balance.py did with one AdamW group: 0.973);
   conv-bf16  every convolution wider than 1x1 in bfloat16 (`--conv-bf16`; bench_step.py --alternate bf16-conv);
   zero       the AdamW update sharded between the ranks (ZeroRedundancyOptimizer; bench_zero.py).
 Both arms train the same rows per window, so each window runs twice on one model in the same two processes, once
 as the session-36 recipe (plain order, float32 convolutions, every rank updating every parameter) and once with
-`--savings` (which goes first alternates): the host's drift falls on both, as in bench_balance.py. The model is the
+`--savings` (which goes first alternates): the host's drift falls on both, and the sum of the work is the same
+(`--window` is both the pairing's window and the timed one). The model is the
 small preset (fresh init, two AdamW groups as bench_zero.py, clipping, no EMA); its weights change as it trains,
 which does not change what a step costs. Do not run it beside anything else: two processes use both cores.
 """
@@ -39,18 +42,6 @@ SMALL = train_preset("small")
 SAVINGS = ("order", "conv-bf16", "zero")
 
 
-def switchable_bf16(conv, on):
-    """`conv`'s forward in bfloat16 (as train.py's in_bfloat16) while on[0], else as it was."""
-    plain = conv.forward
-
-    def forward(x):
-        if not on[0]:
-            return plain(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return plain(x).float()
-    return forward
-
-
 def worker(rank, args, tok_path, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -61,10 +52,8 @@ def worker(rank, args, tok_path, port):
     torch.manual_seed(0)
     net = M.MMInterleaved(cfg)
     net.train()
-    bf16 = [False]
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1):
-            m.forward = switchable_bf16(m, bf16)
+    bf16 = [False]  # the arm's number format, read by every convolution at call time
+    M.convolutions_in_bfloat16(net, when=lambda: bf16[0])
     model = nn.parallel.DistributedDataParallel(net)
     params = [p for p in net.parameters() if p.requires_grad]
     groups = lambda: [dict(params=params[0::2]), dict(params=params[1::2], weight_decay=0.0)]  # noqa: E731
@@ -72,7 +61,7 @@ def worker(rank, args, tok_path, port):
     opts = {False: torch.optim.AdamW(groups(), **adamw),
             True: ZeroRedundancyOptimizer(groups(), optimizer_class=torch.optim.AdamW, parameters_as_bucket_view=True,
                                           **adamw)}
-    window = SMALL.get("balance_window") or 8
+    window = args.window
     orders = {w: small_batches(tok, cfg, 2, balance_window=w, unet_passes=cfg.noise_draws) for w in (0, window)}
 
     def step(s, saving):
@@ -113,12 +102,14 @@ def worker(rank, args, tok_path, port):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--savings", nargs="+", choices=SAVINGS, default=list(SAVINGS), help="what the second arm has")
+    ap.add_argument("--window", type=int, default=SMALL.get("balance_window") or 8,
+                    help="steps a window pairs its rows over (default the recipe's)")
     ap.add_argument("--windows", type=int, default=8, help="windows timed, each in both arms")
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps first")
     ap.add_argument("--port", type=int, default=29545, help="the gloo rendezvous port on 127.0.0.1")
     args = ap.parse_args()
-    if args.windows < 2 or args.warmup < 0:
-        sys.exit("bench_ddp_step.py: --windows must be >= 2 and --warmup >= 0")
+    if args.window < 1 or args.windows < 2 or args.warmup < 0:
+        sys.exit("bench_ddp_step.py: --window must be >= 1, --windows >= 2 and --warmup >= 0")
     with tempfile.TemporaryDirectory() as tmp:  # the --small tokenizer, trained once for both processes
         tok = small_tokenizer(tmp)
         mp.spawn(worker, args=(args, str(tok.path), args.port), nprocs=2)
