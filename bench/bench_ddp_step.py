@@ -21,33 +21,26 @@ which does not change what a step costs. Do not run it beside anything else: two
 import argparse
 import os
 import sys
-import tempfile
 import time
 import warnings
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import llm  # noqa: E402
 import model as M  # noqa: E402
-from bench.recipe import small_batches, small_config, small_tokenizer, train_preset  # noqa: E402
+from bench.recipe import small_batches, small_config, spawn_two_ranks, train_preset, two_adamw_groups  # noqa: E402
 
 SMALL = train_preset("small")
 SAVINGS = ("order", "conv-bf16", "zero")
 
 
-def worker(rank, args, tok_path, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def worker(rank, args, tok):
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")  # as train.py
-    tok = llm.Tokenizer(tok_path)
     cfg = small_config(tok)
     torch.manual_seed(0)
     net = M.MMInterleaved(cfg)
@@ -56,13 +49,12 @@ def worker(rank, args, tok_path, port):
     M.convolutions_in_bfloat16(net, when=lambda: bf16[0])
     model = nn.parallel.DistributedDataParallel(net)
     params = [p for p in net.parameters() if p.requires_grad]
-    groups = lambda: [dict(params=params[0::2]), dict(params=params[1::2], weight_decay=0.0)]  # noqa: E731
     adamw = dict(lr=SMALL["lr"], betas=(0.9, 0.99))
-    opts = {False: torch.optim.AdamW(groups(), **adamw),
-            True: ZeroRedundancyOptimizer(groups(), optimizer_class=torch.optim.AdamW, parameters_as_bucket_view=True,
-                                          **adamw)}
+    opts = {False: torch.optim.AdamW(two_adamw_groups(params), **adamw),
+            True: ZeroRedundancyOptimizer(two_adamw_groups(params), optimizer_class=torch.optim.AdamW,
+                                          parameters_as_bucket_view=True, **adamw)}
     window = args.window
-    orders = {w: small_batches(tok, cfg, 2, balance_window=w, unet_passes=cfg.noise_draws) for w in (0, window)}
+    orders = {w: small_batches(tok, cfg, 2, balance_window=w) for w in (0, window)}
 
     def step(s, saving):
         bf16[0] = saving and "conv-bf16" in args.savings
@@ -96,7 +88,6 @@ def worker(rank, args, tok_path, port):
         r = torch.tensor(ratios, dtype=torch.float64)
         print(f"with {' + '.join(args.savings)} / without, over {len(r)} windows of {window} steps: {r.mean():.3f} ± "
               f"{r.std() / len(r) ** 0.5:.3f} (mean ± standard error)")
-    dist.destroy_process_group()
 
 
 def main():
@@ -110,9 +101,7 @@ def main():
     args = ap.parse_args()
     if args.window < 1 or args.windows < 2 or args.warmup < 0:
         sys.exit("bench_ddp_step.py: --window must be >= 1, --windows >= 2 and --warmup >= 0")
-    with tempfile.TemporaryDirectory() as tmp:  # the --small tokenizer, trained once for both processes
-        tok = small_tokenizer(tmp)
-        mp.spawn(worker, args=(args, str(tok.path), args.port), nprocs=2)
+    spawn_two_ranks(worker, args, args.port)
 
 
 if __name__ == "__main__":

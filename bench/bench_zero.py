@@ -14,20 +14,17 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import llm  # noqa: E402
 import model as M  # noqa: E402
-from bench.recipe import small_config, small_tokenizer  # noqa: E402
+from bench.recipe import small_config, spawn_two_ranks, two_adamw_groups  # noqa: E402
 
 
 def state_bytes(opt):
@@ -37,20 +34,15 @@ def state_bytes(opt):
                if torch.is_tensor(t))
 
 
-def worker(rank, args, tok_path, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def worker(rank, args, tok):
     torch.manual_seed(0)
-    net = M.MMInterleaved(small_config(llm.Tokenizer(tok_path)))
+    net = M.MMInterleaved(small_config(tok))
     params = [p for p in net.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(0)  # the same gradients on both ranks, as after DDP's all-reduce
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen) * 1e-3
-    # two groups (decay and none), as train.py's param_groups gives the small preset more
-    groups = lambda: [dict(params=params[0::2]), dict(params=params[1::2], weight_decay=0.0)]  # noqa: E731
-    opts = {"plain": torch.optim.AdamW(groups(), lr=1e-3, betas=(0.9, 0.99)),
-            "zero": ZeroRedundancyOptimizer(groups(), optimizer_class=torch.optim.AdamW,
+    opts = {"plain": torch.optim.AdamW(two_adamw_groups(params), lr=1e-3, betas=(0.9, 0.99)),
+            "zero": ZeroRedundancyOptimizer(two_adamw_groups(params), optimizer_class=torch.optim.AdamW,
                                             parameters_as_bucket_view=True, lr=1e-3, betas=(0.9, 0.99))}
     took = {k: [] for k in opts}
     for i in range(args.warmup + args.updates):
@@ -72,7 +64,6 @@ def worker(rank, args, tok_path, port):
               f"sharded / plain {ratios.mean():.3f} ± {se:.3f} (mean ± standard error)")
         for r, s in enumerate(sizes):
             print(f"rank {r} optimiser state: plain {s['plain'] / 2**20:.1f} MiB, sharded {s['zero'] / 2**20:.1f} MiB")
-    dist.destroy_process_group()
 
 
 def main():
@@ -83,9 +74,7 @@ def main():
     args = ap.parse_args()
     if args.updates < 2 or args.warmup < 0:
         sys.exit("bench_zero.py: --updates must be >= 2 and --warmup >= 0")
-    with tempfile.TemporaryDirectory() as tmp:  # the --small tokenizer, trained once for both processes
-        tok = small_tokenizer(tmp)
-        mp.spawn(worker, args=(args, str(tok.path), args.port), nprocs=2)
+    spawn_two_ranks(worker, args, args.port)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ train.py is a script (importing it would train), so `train_preset(name)` parses 
 PRESETS assignment alone. A bench that restated the preset's numbers by hand would drift when the recipe changes.
 """
 import ast
+import os
+import tempfile
 from pathlib import Path
 
 TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
@@ -52,3 +54,31 @@ def small_batches(tok, cfg, batch_size=None, **options):
                              cfg.llm.max_images - 1, 0, cfg.image_size, prefixes=small["prefixes"],
                              first_frame_prob=small["first_frame_prob"],
                              events_text_first=small["events_text_first"], **options)
+
+
+def two_adamw_groups(params):
+    """Two AdamW groups (decay and none), half the parameters each, as train.py's param_groups gives the small preset
+    more than one: what a bench's optimiser needs to walk the same group structure as the recipe's."""
+    return [dict(params=params[0::2]), dict(params=params[1::2], weight_decay=0.0)]
+
+
+def spawn_two_ranks(worker, args, port):
+    """Train the --small tokenizer once, then run worker(rank, args, tok) in two one-thread gloo processes on
+    127.0.0.1:`port`, as train.py runs --small on a 2-core CPU. `worker` must be a module-level function."""
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:  # one tokenizer for both processes
+        tok = small_tokenizer(tmp)
+        mp.spawn(_rank, args=(worker, args, str(tok.path), port), nprocs=2)
+
+
+def _rank(rank, worker, args, tok_path, port):
+    import torch
+    import torch.distributed as dist
+    import llm
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        worker(rank, args, llm.Tokenizer(tok_path))
+    finally:
+        dist.destroy_process_group()
