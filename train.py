@@ -58,8 +58,9 @@ PRESETS = {
     # 0.99 / none named 40.7 / 84.1 / 92.4 / 94.6 / 90.4 % of the objects right in captions and found 35.5 / 56.4 /
     # 58.3 / 61.8 / 61.0 % in text-to-image (EXPERIMENTS.md: "A shorter average")
     # balance_window 8 (session 37): each 8 steps' rows in pairs of alike work, so the two CPU ranks wait less; with
-    # the bf16 convolutions and the sharded update 0.896 of a step side by side (bench_ddp_step.py); its full run
-    # (seed 0, the Intel Xeon, 60.4 min) found 74.0 % in text-to-image, 91.9 % right in captions (README)
+    # the bf16 convolutions and the sharded update 0.896 of a step side by side (bench_ddp_step.py); its runs on the
+    # Intel Xeon (seeds 0, 1, 2): 60.4, 57.7, 51.4 min; text-to-image as before them, captions 91.9 / 87.0 / 90.7 %
+    # (EXPERIMENTS.md: "The recipe with the savings on seeds 1 and 2")
     "small": dict(model="small", steps=2100, batch_size=2, seq_len=512, lr=1e-3, warmup=50, vocab=400, corpus=2000,
                   ema=0.99, unet_lr_scale=1.0, prefixes=True, first_frame_prob=0.6, events_text_first=True,
                   noise_draws=2, stratified_timesteps=True, balance_window=8, log_every=10, save_every=100,
