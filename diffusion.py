@@ -154,20 +154,31 @@ def sample_timesteps(batch, schedule, generator=None, device=None):
     return t.to(device) if device is not None else t
 
 
-def stratified_timesteps(draws, batch, schedule, generator=None, device=None, parts=None):
+def stratified_timesteps(draws, batch, schedule, generator=None, device=None, parts=None, logit_normal=None):
     """(draws, batch) timesteps, draw r of each example in the r-th of `draws` equal parts of [0, T): t =
     floor((r + u) T / draws) with u ~ U[0, 1). Over all draws t is still uniform on [0, T) (for T divisible by
     draws), but an example's draws cover the range evenly: stratified sampling, as VDM's low-discrepancy sampler
     spreads t across a batch (Kingma et al. 2021), so no step trains a condition at low noise alone.
 
     `parts` (batch,): an example that uses only its first n <= draws draws takes them from n parts instead; its
-    later draws are T - 1 (unused). The same u, so parts = draws everywhere gives exactly the default."""
+    later draws are T - 1 (unused). The same u, so parts = draws everywhere gives exactly the default.
+
+    `logit_normal` (mean, std): t / T follows a logit-normal density instead of the uniform one (SD3's timestep
+    sampling, Esser et al. 2024, §3.1): the strata are then equal parts of its probability mass, t = floor(T
+    sigmoid(mean + std Phi^-1(p))) at p = (r + u) / n. Drawing t more often where the density is high weights the
+    loss there, as a loss weight would (Kingma & Gao 2023)."""
     T = schedule.num_train_timesteps
     dev = generator.device if generator is not None else device
     u = torch.rand(draws, batch, generator=generator, device=dev, dtype=torch.float64)
     r = torch.arange(draws, device=dev, dtype=torch.float64)[:, None]
     n = draws if parts is None else parts.to(dev, torch.float64)                        # each example's parts
-    t = ((r + u) * T / n).floor().long().clamp(max=T - 1)                                # (draws, batch)
+    if logit_normal is None:
+        t = ((r + u) * T / n).floor().long().clamp(max=T - 1)                            # (draws, batch)
+    else:
+        mean, std = logit_normal
+        # an unused draw (r >= its parts) has p > 1: at 1, ndtri gives +inf and t = T - 1 as above; p = 0 gives t = 0
+        p = ((r + u) / n).clamp(max=1.0)
+        t = (torch.sigmoid(mean + std * torch.special.ndtri(p)) * T).floor().long().clamp(max=T - 1)
     return t.to(device) if device is not None else t
 
 
@@ -322,18 +333,24 @@ def _randn(shape, generator, device, dtype):
 
 @torch.no_grad()
 def sample(model_fn, shape, schedule, steps=30, sampler="ddpm", eta=0.0, guidance=1.0, generator=None,
-           callback=None, x_T=None, spacing=None, device=None, dtype=None):
+           callback=None, x_T=None, spacing=None, device=None, dtype=None, t_start=None):
     """Draw x0 from noise with ancestral DDPM (Ho et al. 2020, Alg. 2) or DDIM (Song et al. 2021) and optional CFG.
 
     `model_fn(x, t)` gets x (B, ...) and t (B,) int64 and returns the prediction, or a (cond_out, uncond_out) pair
     that `guide` combines with `guidance` (see `cfg_model`). `callback(i, t, x)` runs after each step (a progress
     bar). Noise comes from `generator` only, in the order diffusers' pipeline draws it, so a seed reproduces a run.
-    Start from `x_T` if given (then `shape` is ignored); x keeps `dtype` (default float32, or x_T's).
+    Start from `x_T` if given (then `shape` is ignored); x keeps `dtype` (default float32, or x_T's). With `t_start`,
+    x_T is x at that timestep (an image noised by q_sample: SDEdit, Meng et al. 2022) and the steps are t_start, then
+    the listed timesteps below it.
     """
     _one_of(sampler, SAMPLERS, "sampler")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     ts = timesteps(schedule, steps, spacing)
+    if t_start is not None:
+        if x_T is None or not 0 <= t_start < schedule.num_train_timesteps:
+            raise ValueError(f"t_start {t_start} needs x_T and a timestep in [0, {schedule.num_train_timesteps})")
+        ts = [int(t_start)] + [t for t in ts if t < t_start]
     if x_T is None:
         x = _randn(tuple(shape), generator, device or "cpu", dtype or torch.float32)  # initial noise, sigma = 1
     else:

@@ -98,6 +98,10 @@ g.add_argument("--stratified-timesteps", action=argparse.BooleanOptionalAction, 
                "image takes its timestep from the r-th of its R equal parts of [0, T) "
                "(MMConfig.stratified_timesteps; the small recipe: on; --no-stratified-timesteps: R independent uniform "
                "draws)")
+g.add_argument("--timestep-logit-normal", metavar="M,S", help="with --stratified-timesteps, t/T drawn logit-normal "
+               "(mean M, std S of its logit; SD3's timestep sampling) instead of uniform, so the UNet trains more "
+               "often where the density is high; e.g. --timestep-logit-normal=-0.2,1 (the = for a negative M) "
+               "centres on t = 450 of 1000 (MMConfig.timestep_logit_*; the small recipe: uniform)")
 g.add_argument("--mmfs-first-layer", type=int, metavar="N", help="the LLM's first layer with an MMFS block, the "
                "next ones at the preset's spacing (the small recipe: 0 as the paper, so layers 0 and 2; 1 gives 1, 3)")
 g.add_argument("--mmfs-points", type=int, metavar="P", help="sampling points per head and level of the LLM's MMFS "
@@ -244,6 +248,19 @@ if args.noise_draws is not None and args.noise_draws < 1:
     fail(f"--noise-draws {args.noise_draws}: at least 1 draw per image")
 if args.noise_draws_t2i is not None and args.noise_draws_t2i < 0:
     fail(f"--noise-draws-t2i {args.noise_draws_t2i}: a number of draws >= 0 (0: --noise-draws for every frame)")
+if args.timestep_logit_normal is not None:
+    try:
+        args.timestep_logit_mean, args.timestep_logit_std = map(float, args.timestep_logit_normal.split(","))
+    except ValueError:
+        fail(f"--timestep-logit-normal {args.timestep_logit_normal}: two numbers M,S")
+    if not (math.isfinite(args.timestep_logit_mean) and 0 < args.timestep_logit_std < math.inf):
+        fail(f"--timestep-logit-normal {args.timestep_logit_normal}: a finite mean and a std > 0")
+    if not (args.stratified_timesteps if args.stratified_timesteps is not None else
+            PRESETS[preset_name].get("stratified_timesteps", False)):
+        fail(f"--timestep-logit-normal {args.timestep_logit_normal}: needs stratified_timesteps (its strata are "
+             "drawn from it; add --stratified-timesteps)")
+else:
+    args.timestep_logit_mean = args.timestep_logit_std = None
 if args.mmfs_max_side is not None and (args.paper or args.no_mmfs or args.mmfs_max_side < 0):
     fail(f"--mmfs-max-side {args.mmfs_max_side}: " + ("the paper model keeps MMFS on every map" if args.paper else
          "--no-mmfs has no MMFS residuals" if args.no_mmfs else "a map side is >= 0 (0: every map)"))
@@ -326,7 +343,7 @@ try:
                         **settings_mix,
                         parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
         for k in ("steps", "batch_size", "lr", "ema", "save_every", "noise_draws", "noise_draws_t2i",
-                  "stratified_timesteps"):
+                  "stratified_timesteps", "timestep_logit_mean", "timestep_logit_std"):
             if getattr(args, k) is not None:
                 settings[k] = getattr(args, k)
         # --small's CPU fast path, decided once for the run (the parent and its ranks decide alike) and saved
@@ -426,7 +443,8 @@ else:
         cfg.unet = unet.with_attention(cfg.unet, *S.unet_attn_side)
     if getattr(S, "prediction_type", None):
         cfg.schedule = dataclasses.replace(cfg.schedule, prediction_type=S.prediction_type)
-    for k in ("noise_draws", "noise_draws_t2i", "stratified_timesteps"):  # MMConfig fields of the same name
+    for k in ("noise_draws", "noise_draws_t2i", "stratified_timesteps", "timestep_logit_mean",
+              "timestep_logit_std"):  # MMConfig fields of the same name
         if getattr(S, k, None) is not None:  # absent from the settings of runs older than the field
             cfg = dataclasses.replace(cfg, **{k: getattr(S, k)})
     cfg = dataclasses.replace(cfg, **hide)

@@ -6,6 +6,7 @@ arithmetic is compared (1e-12). With diffusers' own float32 alphas_cumprod (rela
 1e-4 (absolute and relative), still in float64 tensors.
 """
 import json
+import math
 import re
 
 import numpy as np
@@ -216,6 +217,33 @@ def test_stratified_timesteps_with_parts_stratify_each_example_over_its_own_draw
     assert torch.equal(full, D.stratified_timesteps(R, len(parts), s, torch.Generator().manual_seed(seed)))
 
 
+@settings(max_examples=40, deadline=None)
+@given(draws=st.integers(1, 4), mean=st.floats(-2, 2), std=st.floats(0.2, 3), seed=st.integers(0, 2**31 - 1))
+def test_logit_normal_timesteps_put_draw_r_in_the_rth_part_of_its_mass(draws, mean, std, seed):
+    """With logit_normal (m, s), draw r lies between the density's r/R and (r+1)/R quantiles, T sigmoid(m + s
+    Phi^-1(q)) (float64 here; one step of slack for the float rounding at a bound), and the generator's use is the
+    uniform sampler's: the same u, another map."""
+    s, T = D.Schedule(), 1000
+    t = D.stratified_timesteps(draws, 256, s, torch.Generator().manual_seed(seed), logit_normal=(mean, std))
+    assert t.shape == (draws, 256) and t.dtype == torch.int64 and (t >= 0).all() and (t < T).all()
+    q = torch.arange(draws + 1, dtype=F64) / draws
+    edge = T * torch.sigmoid(mean + std * torch.special.ndtri(q))                      # (R + 1,) the quantiles
+    for r in range(draws):
+        assert (t[r] >= edge[r].floor() - 1).all() and (t[r] <= edge[r + 1].ceil()).all(), (r, edge, t[r])
+    uniform = D.stratified_timesteps(draws, 256, s, torch.Generator().manual_seed(seed))
+    # a monotone map of the same u: wherever the uniform draws rise from one example to the next, these do not fall
+    assert (torch.sign(t[:, 1:] - t[:, :-1]) * torch.sign(uniform[:, 1:] - uniform[:, :-1]) >= 0).all()
+
+
+def test_logit_normal_timesteps_follow_its_cdf():
+    """Pooled over 2 x 50000 draws of (m, s) = (-0.2, 1), the share below t = k is Phi((logit(k / T) - m) / s)."""
+    t = D.stratified_timesteps(2, 50_000, D.Schedule(), torch.Generator().manual_seed(0), logit_normal=(-0.2, 1.0))
+    for k in (100, 300, 450, 600, 900):
+        want = 0.5 * (1 + math.erf((math.log(k / (1000 - k)) + 0.2) / math.sqrt(2)))
+        assert abs(float((t < k).double().mean()) - want) < 0.006, k  # about 4 standard errors of a share
+    assert (t[0] < 451).all() and (t[1] >= 449).all()  # the strata split at the median, T sigmoid(-0.2) = 450.2
+
+
 # ------------------------------------------------------------------------------------------------- samplers
 
 CASES = [("ddpm", 0.0, "leading"), ("ddim", 0.0, "leading"), ("ddim", 1.0, "leading"), ("ddpm", 0.0, "trailing"),
@@ -323,6 +351,23 @@ def test_sample_reproducible_any_shape_and_dtype():
     x3 = D.sample(lambda x, t: toy_model(x, t, torch.ones(3, 2, 2)), None, s, steps=4, sampler="ddim", x_T=z.double())
     assert x3.dtype == F64
     assert_close(x3, x1.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_sample_from_t_start_visits_it_then_the_grid_below():
+    """t_start: the steps are t_start and the listed timesteps below it (SDEdit); t_start = the grid's first is the
+    plain run from that x_T; without x_T or out of range it is refused."""
+    s = D.PRESETS["small"]
+    fn = lambda x, t: toy_model(x, t, torch.ones(3, 2, 2))  # noqa: E731
+    z = torch.randn(3, 16, generator=torch.Generator().manual_seed(9))
+    seen = []
+    D.sample(fn, None, s, steps=20, sampler="ddim", x_T=z, t_start=500, callback=lambda i, t, x: seen.append(t))
+    grid = D.timesteps(s, 20)
+    assert seen == [500] + [t for t in grid if t < 500] and seen[:3] == [500, 499, 449]  # 499: the trailing grid's
+    plain = D.sample(fn, None, s, steps=20, sampler="ddim", x_T=z)
+    assert torch.equal(D.sample(fn, None, s, steps=20, sampler="ddim", x_T=z, t_start=grid[0]), plain)
+    for bad in (dict(t_start=500), dict(x_T=z, t_start=1000), dict(x_T=z, t_start=-1)):
+        with pytest.raises(ValueError, match="t_start"):
+            D.sample(fn, (3, 16), s, steps=20, sampler="ddim", **bad)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -483,6 +483,28 @@ def test_generate_images_is_seeded_and_checks_prompts(net):
         net.generate_images([[BOS, 10]], [torch.zeros(0, 3, 32, 32)], steps=1)
 
 
+def test_generate_images_from_a_noised_frame_starts_at_its_timestep(net, monkeypatch):
+    """start = (frames, t): the UNet's first input is those frames noised to t by q_sample with the generator's
+    first draw, at timestep t (SDEdit), then the grid below t; seeded like the plain path."""
+    prompts, imgs = [[BOS, 10, 11, BOI]] * 2, [torch.zeros(0, 3, 32, 32)] * 2
+    frames = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    calls, real = [], net.unet_forward
+    def spy(x, t, *a, **k):
+        calls.append((x.clone(), t.clone()))
+        return real(x, t, *a, **k)
+    monkeypatch.setattr(net, "unet_forward", spy)
+    a = net.generate_images(prompts, imgs, steps=4, guidance=1.0, generator=torch.Generator().manual_seed(1),
+                            start=(frames, 600))
+    x0 = net.to_diffusion_space(frames)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    want = diffusion.q_sample(x0, torch.full((2,), 600), noise, net.cfg.schedule)
+    torch.testing.assert_close(calls[0][0], want, rtol=0, atol=0)
+    assert [int(t[0]) for _, t in calls] == [600] + [t for t in diffusion.timesteps(net.cfg.schedule, 4) if t < 600]
+    b = net.generate_images(prompts, imgs, steps=4, guidance=1.0, generator=torch.Generator().manual_seed(1),
+                            start=(frames, 600))
+    assert torch.equal(a, b) and a.shape == (2, 3, 32, 32)
+
+
 def test_text_logprob_is_the_teacher_forced_sum_and_ignores_padding(net):
     """log p of each row's last `scored` tokens: the log-softmax of the logits at the positions before them, summed
     (float64 by hand on the row alone); in a batch with a longer row (right padding) the same, in float32."""

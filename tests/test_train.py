@@ -273,6 +273,20 @@ def test_stratified_timesteps_flag_reaches_the_checkpoint_and_changes_the_run(tm
     assert a["loss_txt"] == b["loss_txt"] and a["loss_img"] != b["loss_img"]
 
 
+def test_timestep_logit_normal_flag_reaches_the_checkpoint_and_is_checked(tmp_path):
+    for bad, says in (("1", "two numbers"), ("0,0", "std > 0"), ("nan,1", "finite")):
+        refused(tmp_path / "bad", f"--timestep-logit-normal={bad}", "--noise-draws", 2, "--stratified-timesteps",
+                says=says)
+    refused(tmp_path / "bad", "--timestep-logit-normal=-0.2,1", says="needs stratified_timesteps")  # tiny: off
+    out = tmp_path / "ln"
+    r = run("--out", out, "--noise-draws", 2, "--stratified-timesteps", "--timestep-logit-normal=-0.2,1.5",
+            "--stop-at", 1)
+    assert r.returncode == 0, r.stderr
+    cfg = M.MMInterleaved.from_checkpoint(out)[0].cfg
+    assert (cfg.timestep_logit_mean, cfg.timestep_logit_std) == (-0.2, 1.5)
+    assert M.preset("small").timestep_logit_std == 0  # the recipe's draws stay uniform unless asked
+
+
 def test_noise_draws_t2i_flag_reaches_the_checkpoint(shaped, tmp_path):
     refused(tmp_path / "bad", "--noise-draws-t2i", -1, says="--noise-draws-t2i")
     cfg = shaped[1].cfg  # --noise-draws-t2i 3
