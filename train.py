@@ -654,5 +654,6 @@ for step in range(start, stop):
         last = done
 if master:
     print(f"\ndone: step {stop}/{S.steps}, {(time.time() - t0) / 60:.1f} min; checkpoint in {out}", file=sys.stderr)
-if ddp:
+if ddp:  # every rank past its last collective (rank 0 writes the checkpoint last) before any tears gloo down
+    dist.barrier()
     dist.destroy_process_group()
