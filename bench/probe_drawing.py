@@ -13,6 +13,13 @@
    the word, each row would be the same; if the word is followed but drawn badly, the diagonal leads and the
    errors are the neighbouring shapes. `--save` writes the first noise draw of the big objects as a grid (one
    row per colour and place, the shapes side by side).
+3. Where along the noise the drawing goes wrong (`--from-truth T1,T2,...`; session 39). Each story's TRUE first
+   frame is noised to timestep T (q_sample) and drawn back with its scene sentence (DDIM on the 20-step grid below
+   T, guidance 3: SDEdit), scored as text-to-image. At T = 999 it is text-to-image itself; where the rate climbs
+   is where the UNet decides what the sampler loses. Each named object missed is also sorted by what its cell holds
+   instead: its colour in another shape ("shape"), its shape in another colour, something else, or nothing.
+
+    python bench/probe_drawing.py --checkpoint out/small --skip-sweep --skip-shapes --from-truth 999,699,499,299
 """
 import argparse
 import os
@@ -37,6 +44,9 @@ ap.add_argument("--grid", default="ddim:20:1,ddim:20:2,ddim:20:3,ddim:20:5,ddim:
 ap.add_argument("--noise-draws", type=int, default=2, help="noise draws per sentence of the shape check")
 ap.add_argument("--skip-sweep", action="store_true", help="only the shape check")
 ap.add_argument("--save", metavar="PNG", help="write the shape check's frames here")
+ap.add_argument("--skip-shapes", action="store_true", help="skip the shape check")
+ap.add_argument("--from-truth", metavar="T1,T2,...",
+                help="the third check at these timesteps (e.g. 999,599,399,199, points of the 20-step grid)")
 args = ap.parse_args()
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -56,6 +66,49 @@ if not args.skip_sweep:
         m = ev.score_t2i(stories, ev.t2i_task(model, tok, stories, gen_args))
         print(f"{setting:24s} {m['t2i_objects']:7.1%} {m['t2i_exact']:7.1%} {m['t2i_objects_other']:7.1%} "
               f"{float(m['t2i_extra']):12.2f} {time.time() - t0:5.0f}", flush=True)
+
+if args.from_truth:
+    starts = [int(t) for t in args.from_truth.split(",")]
+    if not all(0 <= t < model.cfg.schedule.num_train_timesteps for t in starts):
+        sys.exit(f"probe_drawing.py: --from-truth {args.from_truth}: timesteps in [0, "
+                 f"{model.cfg.schedule.num_train_timesteps})")
+    stories = [data.ShapeStories("eval", seed=args.split_seed, size=size)[i] for i in range(args.n)]
+    print(f"\nfrom the true frame noised to t (SDEdit), {args.n} stories of eval split {args.split_seed}, DDIM 20 "
+          "grid, guidance 3; the missed objects (% of the named) by what their cell holds")
+    print(f"{'t':>5s} {'alpha-bar':>9s} {'found':>7s} {'exact':>7s} {'extra':>6s} | {'shape':>6s} {'colour':>6s} "
+          f"{'other':>6s} {'none':>6s} | most frequent shape asked -> drawn")
+    for t in starts:
+        gen, frames = torch.Generator().manual_seed(args.split_seed), []
+        for part in ev.chunks(stories, 64):
+            prompts = [tok.encode(s.sentences[0]) + [tok.boi_id] for s in part]
+            truth = torch.stack([data.image_tensor(s.images[0], size) for s in part])           # (B, 3, S, S)
+            x = model.generate_images(prompts, [torch.zeros(0, 3, size, size)] * len(part), steps=20, guidance=3.0,
+                                      sampler="ddim", generator=gen, start=(truth, t))
+            frames += [ev.to_uint8(f) for f in x]
+        m = ev.score_t2i(stories, frames)
+        kinds, swaps, named = Counter(), Counter(), 0
+        for story, frame in zip(stories, frames):
+            want, det = data.parse(story.sentences[0]), data.detect(frame)
+            pairs = data.match([data.Obj(w.colour, w.shape, w.size, *data.cell_centre(w.place, size)) for w in want],
+                               det)
+            named += len(want)
+            used = {j for _, j in pairs}
+            for i in sorted(set(range(len(want))) - {i for i, _ in pairs}):
+                w = want[i]
+                here = [d for j, d in enumerate(det) if j not in used and data.place_of(d.x, d.y, size) == w.place]
+                same_colour = [d for d in here if d.colour == w.colour]
+                kind = ("shape" if same_colour else "colour" if any(d.shape == w.shape for d in here) else
+                        "other" if here else "none")
+                kinds[kind] += 1
+                if same_colour:
+                    swaps[f"{w.shape} -> {same_colour[0].shape}"] += 1
+        share = {k: 100 * kinds[k] / named for k in ("shape", "colour", "other", "none")}
+        print(f"{t:5d} {float(model.cfg.schedule.alphas_cumprod[t]):9.3f} {m['t2i_objects']:7.1%} "
+              f"{m['t2i_exact']:7.1%} {float(m['t2i_extra']):6.2f} | " + " ".join(f"{v:6.1f}" for v in share.values())
+              + " | " + ", ".join(f"{k} {v}" for k, v in swaps.most_common(3)), flush=True)
+
+if args.skip_shapes:
+    sys.exit(0)
 
 # the shape check: every (size, colour, place) of this grid, each shape word, the same noise per draw
 shapes, colours, places = data.SHAPES, ("red", "blue", "yellow", "green"), ("centre", "top left", "bottom right", "left")
