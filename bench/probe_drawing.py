@@ -68,8 +68,9 @@ if not args.skip_sweep:
               f"{float(m['t2i_extra']):12.2f} {time.time() - t0:5.0f}", flush=True)
 
 if args.from_truth:
-    starts = [int(t) for t in args.from_truth.split(",")]
-    if not all(0 <= t < model.cfg.schedule.num_train_timesteps for t in starts):
+    starts = [int(t) for t in args.from_truth.split(",") if t.strip().isdigit()]
+    if len(starts) != len(args.from_truth.split(",")) or not all(
+            t < model.cfg.schedule.num_train_timesteps for t in starts):
         sys.exit(f"probe_drawing.py: --from-truth {args.from_truth}: timesteps in [0, "
                  f"{model.cfg.schedule.num_train_timesteps})")
     stories = [data.ShapeStories("eval", seed=args.split_seed, size=size)[i] for i in range(args.n)]
