@@ -503,18 +503,44 @@ def score_caption(generated, truth):
             **attrs}
 
 
-def score_text_to_image(sentence, frame, detected=None):
-    """Each object a scene sentence names, looked up in the generated frame by colour and shape (`detected`:
-    detect(frame) if the caller already has it)."""
+def _text_to_image_pairs(sentence, frame, detected, caller):
+    """(named mentions, detected objects, frame side, pairs (i, j) of mention i found as object j by colour and
+    shape): the lookup that score_text_to_image and text_to_image_misses share."""
     want = parse(sentence)
     if not isinstance(want, list):
-        raise ValueError(f"score_text_to_image: not a scene sentence: {sentence!r}")
+        raise ValueError(f"{caller}: not a scene sentence: {sentence!r}")
     det = detect(frame) if detected is None else detected
     size = _as_hwc(frame).shape[0]
     # a named object is looked for near the centre of its cell when the frame holds several of its kind
     pairs = match([Obj(m.colour, m.shape, m.size, *cell_centre(m.place, size)) for m in want], det)
+    return want, det, size, pairs
+
+
+def score_text_to_image(sentence, frame, detected=None):
+    """Each object a scene sentence names, looked up in the generated frame by colour and shape (`detected`:
+    detect(frame) if the caller already has it)."""
+    want, det, size, pairs = _text_to_image_pairs(sentence, frame, detected, "score_text_to_image")
     exact = sum(det[j].size == want[i].size and place_of(det[j].x, det[j].y, size) == want[i].place for i, j in pairs)
     return {"n": len(want), "found": len(pairs), "exact": exact, "extra": len(det) - len(pairs)}
+
+
+def text_to_image_misses(sentence, frame, detected=None):
+    """What each named object that score_text_to_image does not find is drawn as, by what its cell holds among the
+    unmatched objects -> list of (mention, kind, drawn shape or None): kind "shape" (its colour in another shape,
+    which is then the drawn shape), "colour" (its shape in another colour), "other" (something else) or "none"."""
+    want, det, size, pairs = _text_to_image_pairs(sentence, frame, detected, "text_to_image_misses")
+    found, used = {i for i, _ in pairs}, {j for _, j in pairs}
+    out = []
+    for i, m in enumerate(want):
+        if i in found:
+            continue
+        here = [d for j, d in enumerate(det) if j not in used and place_of(d.x, d.y, size) == m.place]
+        same_colour = [d for d in here if d.colour == m.colour]
+        if same_colour:
+            out.append((m, "shape", same_colour[0].shape))
+        else:
+            out.append((m, "colour" if any(d.shape == m.shape for d in here) else "other" if here else "none", None))
+    return out
 
 
 def apply_event(objects, event, size):

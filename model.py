@@ -671,8 +671,7 @@ class MMInterleaved(nn.Module):
         if start is not None:
             frames, t_start = start
             x0 = self.to_diffusion_space(frames.to(cond.device, cond.dtype))               # (B, C, s, s)
-            noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator is not None
-                                else x0.device).to(x0)
+            noise = diffusion._randn(x0.shape, generator, x0.device, x0.dtype)  # as the sampler draws its noise
             x_T = diffusion.q_sample(x0, torch.full((len(x0),), t_start, device=x0.device), noise, c.schedule)
         x = diffusion.sample(model_fn, shape, c.schedule, steps, sampler, guidance=guidance, generator=generator,
                              callback=callback, x_T=x_T, t_start=t_start, device=cond.device, dtype=cond.dtype)

@@ -87,22 +87,10 @@ if args.from_truth:
                                       sampler="ddim", generator=gen, start=(truth, t))
             frames += [ev.to_uint8(f) for f in x]
         m = ev.score_t2i(stories, frames)
-        kinds, swaps, named = Counter(), Counter(), 0
-        for story, frame in zip(stories, frames):
-            want, det = data.parse(story.sentences[0]), data.detect(frame)
-            pairs = data.match([data.Obj(w.colour, w.shape, w.size, *data.cell_centre(w.place, size)) for w in want],
-                               det)
-            named += len(want)
-            used = {j for _, j in pairs}
-            for i in sorted(set(range(len(want))) - {i for i, _ in pairs}):
-                w = want[i]
-                here = [d for j, d in enumerate(det) if j not in used and data.place_of(d.x, d.y, size) == w.place]
-                same_colour = [d for d in here if d.colour == w.colour]
-                kind = ("shape" if same_colour else "colour" if any(d.shape == w.shape for d in here) else
-                        "other" if here else "none")
-                kinds[kind] += 1
-                if same_colour:
-                    swaps[f"{w.shape} -> {same_colour[0].shape}"] += 1
+        misses = [x for s, f in zip(stories, frames) for x in data.text_to_image_misses(s.sentences[0], f)]
+        kinds = Counter(kind for _, kind, _ in misses)
+        swaps = Counter(f"{m.shape} -> {drawn}" for m, kind, drawn in misses if kind == "shape")
+        named = sum(len(data.parse(s.sentences[0])) for s in stories)
         share = {k: 100 * kinds[k] / named for k in ("shape", "colour", "other", "none")}
         print(f"{t:5d} {float(model.cfg.schedule.alphas_cumprod[t]):9.3f} {m['t2i_objects']:7.1%} "
               f"{m['t2i_exact']:7.1%} {float(m['t2i_extra']):6.2f} | " + " ".join(f"{v:6.1f}" for v in share.values())

@@ -368,6 +368,20 @@ def test_bad_arguments():
         D.ShapeStories(size=1000)
 
 
+def test_text_to_image_misses_say_what_the_missed_object_is_drawn_as():
+    """A named object not found is sorted by what its cell holds: its colour in another shape (and which), its shape
+    in another colour, something else, or nothing; a found object is not a miss."""
+    world, said = D.World(32), "there is a big red circle at the top left."
+    for drawn, want in ((("red", "square"), ("shape", "square")), (("blue", "circle"), ("colour", None)),
+                        (("green", "triangle"), ("other", None)), (("red", "circle"), None)):
+        img, _ = D.render([(*drawn, "big", 8.0, 8.0)], world)
+        misses = D.text_to_image_misses(said, img)
+        assert [(k, s) for _, k, s in misses] == ([want] if want else [])
+        assert len(misses) == D.score_text_to_image(said, img)["n"] - D.score_text_to_image(said, img)["found"]
+    far, _ = D.render([("red", "square", "big", 24.0, 24.0)], world)  # in another cell: nothing at the top left
+    assert [(m.shape, k) for m, k, _ in D.text_to_image_misses(said, far)] == [("circle", "none")]
+
+
 def test_text_to_image_counts_wrong_and_extra_objects():
     world = D.World(32)
     img, _ = D.render([("red", "circle", "big", 8.0, 8.0), ("red", "circle", "small", 24.0, 24.0)], world)
