@@ -106,6 +106,14 @@ class MMConfig:
     # can copy its previous frame, and the text path learns mostly from first frames (EXPERIMENTS.md:
     # "Text-to-image is better without MMFS")
     mmfs_hide_prob: float = 0.0
+    # an experiment, off in every preset: REPA (representation alignment, Yu et al. 2024). The UNet's last down-path
+    # state on the repa_side map, through a small MLP (repa_proj), is pulled toward the ViT-Adapter's pyramid map of
+    # that side for the clean frame it is drawing (1 - cosine per pixel; the pyramid detached, so the ViT is not
+    # pulled back). That map is what the UNet's MMFS redraws an unmoved object from, so it holds each object's shape,
+    # and the small recipe's text-to-image misses are shapes, decided at mid noise (EXPERIMENTS.md: "Where the
+    # shapes are lost"). repa_weight: the term's weight beside the text and image losses; 0: off, as the authors
+    repa_weight: float = 0.0
+    repa_side: int = 16
     freeze_pretrained: bool = True  # paper: freeze CLIP, the LLM (not its MMFS blocks) and the VAE, as the authors
     # special ids of the tokenizer (the paper's are Vicuna's); <BoI> and <image> are the last two ids, llm.vocab_size-2/-1
     bos_id: int = 1
@@ -263,6 +271,8 @@ class MMInterleaved(nn.Module):
         if c.timestep_logit_std > 0 and not c.stratified_timesteps:
             raise ValueError("MMConfig: timestep_logit_std > 0 needs stratified_timesteps (its strata are drawn "
                              "from it)")
+        if not 0 <= c.repa_weight < math.inf:  # NaN fails too
+            raise ValueError(f"MMConfig: repa_weight {c.repa_weight} must be >= 0 and finite")
         if c.mmfs_hide_prob > 0 and not c.unet.mmfs:
             raise ValueError(f"MMConfig: mmfs_hide_prob {c.mmfs_hide_prob} needs the UNet's MMFS (unet.mmfs is off)")
         self.vit = parts["vit"] if "vit" in parts else vit_lib.ViTAdapter(c.vit)
@@ -307,7 +317,24 @@ class MMInterleaved(nn.Module):
         self.ahead_heads = (nn.ModuleList(nn.Linear(c.llm.dim, c.llm.vocab_size) for _ in range(c.ahead_tokens))
                             if c.ahead_tokens else None)
         self.direct_proj = nn.Linear(c.llm.dim, c.decoder.hidden_size) if c.direct_context else None
+        self.repa_proj = self.build_repa_proj() if c.repa_weight > 0 else None
         self.apply_freezing()
+
+    def build_repa_proj(self):
+        """REPA's projector (training only): UNet channels at repa_side -> the pyramid's width, an MLP of three
+        Linears with SiLU as the authors'. Built last and on a forked RNG, so every other weight draws what it draws
+        without it, and a run with the term pairs with its twin without."""
+        c, u = self.cfg, self.cfg.unet
+        sides = [u.sample_size >> k for k in range(len(u.block_out_channels))]  # each down block's map side
+        if c.repa_side not in sides:
+            raise ValueError(f"MMConfig: repa_side {c.repa_side} is not a side of the UNet's down path {sides}")
+        if c.repa_side not in c.vit.pyramid_sizes:
+            raise ValueError(f"MMConfig: repa_side {c.repa_side} is not a side of the ViT-Adapter's pyramid "
+                             f"{list(c.vit.pyramid_sizes)}")
+        dim, width = u.block_out_channels[sides.index(c.repa_side)], c.vit.hidden_size
+        with torch.random.fork_rng(devices=[]):
+            return nn.Sequential(nn.Linear(dim, 2 * width), nn.SiLU(), nn.Linear(2 * width, 2 * width), nn.SiLU(),
+                                 nn.Linear(2 * width, width))
 
     def init_buffers(self):
         """Recompute the derived (non-persistent) tables, e.g. after building on the meta device and loading."""
@@ -439,11 +466,21 @@ class MMInterleaved(nn.Module):
             cond = torch.cat([cond, self.pooled_ctx_proj(mean)[:, None]], 1)              # (ΣI, Q (+N) + 1, ctx)
         return cond, lengths
 
-    def unet_forward(self, x, t, cond, mmfs_features=None, mmfs_mask=None):
+    def unet_forward(self, x, t, cond, mmfs_features=None, mmfs_mask=None, tap=None):
         extra = None
         if self.pooled_proj is not None:  # the last condition token is the pooled context (or its learned negative)
             extra = self.pooled_proj(cond[:, -1])                                          # (B, 4·C0)
-        return self.unet(x, t, cond, mmfs_features, mmfs_mask, temb_extra=extra)
+        return self.unet(x, t, cond, mmfs_features, mmfs_mask, temb_extra=extra, tap=tap)
+
+    def repa_loss(self, state, target):
+        """REPA: 1 - cosine between repa_proj(the UNet's state) (n, C, s, s) and the clean frame's pyramid map
+        (n, C_img, s, s), per pixel -> (n,) the mean over each frame's pixels. The map's fixed 2-D sin-cos position
+        (the same for every frame) is taken out first: the term is to teach what is drawn where, not where."""
+        s = target.shape[-1]
+        pos = vit_lib._pyramid_pos(target.shape[1], self.cfg.vit.grid, s, target.device, target.dtype)  # (C, s, s)
+        z = self.repa_proj(state.flatten(2).transpose(1, 2))                               # (n, s², C_img)
+        y = (target.detach() - pos).flatten(2).transpose(1, 2)                             # (n, s², C_img)
+        return 1 - F.cosine_similarity(z.float(), y.float(), dim=-1).mean(1)               # (n,)
 
     def previous_features(self, pyramid, prev):
         """The UNet MMFS input of each image: the previous image's pyramid levels (n, 1, C, s, s) and mask (n, 1);
@@ -558,7 +595,12 @@ class MMInterleaved(nn.Module):
             keep = counted.nonzero(as_tuple=True)[0] if counted.any() else counted.new_zeros(1).long()  # (n,)
             x0, t, noise, cond, prev, n_draws = x0[keep], t[keep], noise[keep], cond[keep], prev[keep], n_draws[keep]
             feats, fmask = self.previous_features(pyramid, prev.masked_fill(hide[keep], -1))  # mmfs_hide_prob
-            pred = self.unet_forward(diffusion.q_sample(x0, t, noise, c.schedule), t, cond, feats, fmask)
+            x_t = diffusion.q_sample(x0, t, noise, c.schedule)
+            if self.repa_proj is None:
+                pred = self.unet_forward(x_t, t, cond, feats, fmask)
+            else:  # draw k of the kept ones is image keep[k] % ΣI, whose own pyramid map is the target
+                pred, state = self.unet_forward(x_t, t, cond, feats, fmask, tap=c.repa_side)
+                aligned = self.repa_loss(state, self._pyramid_levels(pyramid, [c.repa_side])[0][keep % n_img])
             target = diffusion.training_target(x0, noise, t, c.schedule)
             per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)           # (n,)
             if c.min_snr_gamma > 0:
@@ -568,16 +610,21 @@ class MMInterleaved(nn.Module):
             # image's draws, so that an image's loss is the mean over its draws
             weight = counted[keep] * torch.where(prev < 0, c.t2i_loss_weight, 1.0) / n_draws  # (n,)
             mse = (per_image * weight.to(per_image.dtype)).sum()
+            repa = (aligned * weight.to(aligned.dtype)).sum() if self.repa_proj is not None else h.sum() * 0
         else:
-            mse = h.sum() * 0
+            mse = repa = h.sum() * 0
         tot_txt, tot_img = counts if counts is not None else (n_txt, n_img)
         loss_txt = ce / max(tot_txt, 1)
         loss_back = back / max(tot_txt, 1)  # per text target, as loss_txt, so DDP ranks add up to the global mean
         loss_ahead = ahead / max(tot_txt, 1)
         loss_img = mse / max(tot_img, 1)  # mean over the images of each one's mean over its draws, masked ones included
+        loss_repa = repa / max(tot_img, 1)  # weighted as loss_img
         loss = c.loss_txt_weight * (loss_txt + loss_back + loss_ahead) + c.loss_img_weight * loss_img
+        if self.repa_proj is not None:
+            loss = loss + c.repa_weight * loss_repa
         return dict(loss=loss, loss_txt=loss_txt.detach(), loss_back=loss_back.detach(),
-                    loss_ahead=loss_ahead.detach(), loss_img=loss_img.detach(), n_txt=n_txt, n_img=n_img)
+                    loss_ahead=loss_ahead.detach(), loss_img=loss_img.detach(), loss_repa=loss_repa.detach(),
+                    n_txt=n_txt, n_img=n_img)
 
     def back_loss(self, tokens, h):
         """MMConfig.back_tokens: state i names token i - j for j = 1..N -> the summed cross-entropy over every

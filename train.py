@@ -98,6 +98,9 @@ g.add_argument("--stratified-timesteps", action=argparse.BooleanOptionalAction, 
                "image takes its timestep from the r-th of its R equal parts of [0, T) "
                "(MMConfig.stratified_timesteps; the small recipe: on; --no-stratified-timesteps: R independent uniform "
                "draws)")
+g.add_argument("--repa-weight", type=float, metavar="W", help="REPA: pull the UNet's 16x16 down-path state (through "
+               "a small MLP) toward the clean frame's ViT-Adapter pyramid map, weight W beside the other losses "
+               "(MMConfig.repa_weight; the small recipe: 0, off)")
 g.add_argument("--timestep-logit-normal", metavar="M,S", help="with --stratified-timesteps, t/T drawn logit-normal "
                "(mean M, std S of its logit; SD3's timestep sampling) instead of uniform, so the UNet trains more "
                "often where the density is high; e.g. --timestep-logit-normal=-0.2,1 (the = for a negative M) "
@@ -261,6 +264,8 @@ if args.timestep_logit_normal is not None:
              "drawn from it; add --stratified-timesteps)")
 else:
     args.timestep_logit_mean = args.timestep_logit_std = None
+if args.repa_weight is not None and not 0 <= args.repa_weight < math.inf:
+    fail(f"--repa-weight {args.repa_weight}: a finite weight >= 0 (0: off)")
 if args.mmfs_max_side is not None and (args.paper or args.no_mmfs or args.mmfs_max_side < 0):
     fail(f"--mmfs-max-side {args.mmfs_max_side}: " + ("the paper model keeps MMFS on every map" if args.paper else
          "--no-mmfs has no MMFS residuals" if args.no_mmfs else "a map side is >= 0 (0: every map)"))
@@ -343,7 +348,7 @@ try:
                         **settings_mix,
                         parts=dict(clip=args.clip, llm=args.llm, sd=args.sd) if args.paper else None)
         for k in ("steps", "batch_size", "lr", "ema", "save_every", "noise_draws", "noise_draws_t2i",
-                  "stratified_timesteps", "timestep_logit_mean", "timestep_logit_std"):
+                  "stratified_timesteps", "timestep_logit_mean", "timestep_logit_std", "repa_weight"):
             if getattr(args, k) is not None:
                 settings[k] = getattr(args, k)
         # --small's CPU fast path, decided once for the run (the parent and its ranks decide alike) and saved
@@ -444,7 +449,7 @@ else:
     if getattr(S, "prediction_type", None):
         cfg.schedule = dataclasses.replace(cfg.schedule, prediction_type=S.prediction_type)
     for k in ("noise_draws", "noise_draws_t2i", "stratified_timesteps", "timestep_logit_mean",
-              "timestep_logit_std"):  # MMConfig fields of the same name
+              "timestep_logit_std", "repa_weight"):  # MMConfig fields of the same name
         if getattr(S, k, None) is not None:  # absent from the settings of runs older than the field
             cfg = dataclasses.replace(cfg, **{k: getattr(S, k)})
     cfg = dataclasses.replace(cfg, **hide)
@@ -617,7 +622,7 @@ for step in range(start, stop):
         res = model(tokens, images, batch["images_per_row"], generator=gens, counts=counts)
     (res["loss"] * world).backward()
     logged = torch.stack([res["loss"].detach(), res["loss_txt"], res["loss_back"], res["loss_ahead"],
-                          res["loss_img"]]).float()
+                          res["loss_img"], res["loss_repa"]]).float()
     if ddp:
         dist.all_reduce(logged)
     if not torch.isfinite(logged).all():  # stop before the update: the last checkpoint stays the last good one
@@ -638,15 +643,17 @@ for step in range(start, stop):
     if master and (done % S.log_every == 0 or done == stop):
         elapsed = time.time() - t0
         rate = (done - start) / elapsed
-        loss, lt, lb, la, li = logged.tolist()
-        ahead = dict(loss_ahead=la) if cfg.ahead_tokens else {}
-        metrics.write(json.dumps(dict(step=step, loss=loss, loss_txt=lt, loss_back=lb, **ahead, loss_img=li,
+        loss, lt, lb, la, li, lrepa = logged.tolist()
+        optional = dict(loss_ahead=la) if cfg.ahead_tokens else {}
+        optional |= dict(loss_repa=lrepa) if cfg.repa_weight else {}
+        metrics.write(json.dumps(dict(step=step, loss=loss, loss_txt=lt, loss_back=lb, **optional, loss_img=li,
                                       lr=opt.param_groups[0]["lr"], grad_norm=grad_norm,
                                       elapsed_s=round(elapsed, 2))) + "\n")
         metrics.flush()
         eta = (stop - done) / rate
         terms = f"txt {lt:.3f}, back {lb:.3f}, " + (f"ahead {la:.3f}, " if cfg.ahead_tokens else "")
-        print(f"\rstep {done}/{S.steps} | loss {loss:.4f} ({terms}img {li:.4f}) | "
+        terms_img = f"img {li:.4f}" + (f", repa {lrepa:.3f}" if cfg.repa_weight else "")
+        print(f"\rstep {done}/{S.steps} | loss {loss:.4f} ({terms}{terms_img}) | "
               f"{rate:.2f} steps/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s", end="" if sys.stderr.isatty() else "\n",
               file=sys.stderr, flush=True)
     if done % S.save_every == 0 or done == stop:

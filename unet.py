@@ -388,12 +388,14 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
         self.mmfs = MMFSNet(c) if c.mmfs else None
 
-    def forward(self, x, t, context, mmfs_features=None, mmfs_mask=None, temb_extra=None):
+    def forward(self, x, t, context, mmfs_features=None, mmfs_mask=None, temb_extra=None, tap=None):
         """x (B, in_channels, H, W), t scalar or (B,), context (B, T, cross_attention_dim) -> (B, out_channels, H, W).
 
         mmfs_features: the previous image's pyramid, a list of (B, n, mmfs_value_dim, S_l, S_l) per level;
         mmfs_mask (B, n), 1 = that image exists (default: all). Without them the plain UNet runs.
-        temb_extra (B, 4·C0) is added to the time embedding (a global condition, as diffusers' class embeddings)."""
+        temb_extra (B, 4·C0) is added to the time embedding (a global condition, as diffusers' class embeddings).
+        tap = a side s: also return the down path's last state on an s×s map, (B, C, s, s), before any MMFS residual
+        (the REPA term of model.py reads it): (output, state)."""
         c = self.config
         if x.dim() != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"UNet: x must be (B, {c.in_channels}, H, W) (config.in_channels), got {tuple(x.shape)}")
@@ -417,6 +419,12 @@ class UNet(nn.Module):
         for block in self.down_blocks:
             h, states = block(h, temb, context)
             skips += states
+        tapped = None
+        if tap is not None:  # the last skip of that side: after its block's attention, before the next downsample
+            tapped = next((s for s in reversed(skips) if s.shape[-1] == tap), None)
+            if tapped is None:
+                raise ValueError(f"UNet: tap {tap}: the down path's maps have sides "
+                                 f"{sorted({s.shape[-1] for s in skips}, reverse=True)}")
         h = self.mid_block(h, temb, context)
         if mmfs_features is not None:  # ControlNet-style: residuals on the mid output and every skip
             h, skips = self.mmfs(h, skips, mmfs_features, mmfs_mask)
@@ -424,7 +432,8 @@ class UNet(nn.Module):
             n = len(block.resnets)
             skips, used = skips[:-n], skips[-n:]
             h = block(h, used, temb, context, size=skips[-1].shape[-2:] if skips else None)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        out = self.conv_out(F.silu(self.conv_norm_out(h)))
+        return out if tap is None else (out, tapped)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, **overrides):

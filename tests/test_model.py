@@ -5,11 +5,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import data
 import diffusion
 import model as M
+import vit as vit_lib
 import weights
 
 K = 8  # the tiny preset's visual tokens per image
@@ -342,6 +344,69 @@ def test_noise_draws_average_the_image_loss_over_draws_that_share_a_condition():
     assert (err[:, 1:] > 0).all() and not torch.allclose(err[0], err[1])
     torch.testing.assert_close(out["loss_img"], want, rtol=1e-5, atol=0)
     assert out["n_img"] == 3  # images, not draws
+
+
+def test_repa_adds_one_term_and_leaves_everything_else_as_its_twin():
+    """repa_weight w: the same init (the projector is drawn on a forked RNG) and draws as the run without it, the same
+    text and image losses, and loss = their loss + w · loss_repa. loss_repa is the image-weighted mean over the kept
+    draws of 1 - cosine(repa_proj(the UNet's 16×16 down state), the clean frame's pyramid map minus its position)."""
+    plain, net = tiny(), tiny(repa_weight=0.5)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in plain.state_dict().items())
+    r0 = [BOS] + image_run() + [10, 11] + image_run() + [EOS]  # image 0 opens its segment: weighted 0
+    r1 = [BOS, 12] + image_run() + [13, EOS]
+    tokens, images, per_row = batch_of([r0, r1])
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6)]  # noqa: E731
+    a, b = plain(tokens, images, per_row, generator=gens()), net(tokens, images, per_row, generator=gens())
+    assert a["loss_img"] == b["loss_img"] and a["loss_txt"] == b["loss_txt"]
+    assert 0 < b["loss_repa"] < 2 and a["loss_repa"] == 0
+    torch.testing.assert_close(b["loss"], a["loss"] + 0.5 * b["loss_repa"], rtol=1e-6, atol=0)
+    # by hand, with the draws and the UNet's 16x16 down state as forward makes them
+    with torch.no_grad():
+        h, pyramid = net.hidden_states(tokens, images, per_row)
+        rows, cols, start, prev = net.image_index(tokens, per_row)
+        cond, _ = net.image_condition(h, rows, cols, start)
+        x0 = net.to_diffusion_space(images)
+        drop, t, noise, _ = net.draws(x0, per_row, gens())
+        cond = torch.where(drop[:, None, None], net.neg_prompt_embeds, cond)
+        feats, fmask = net.previous_features(pyramid, prev)
+        _, state = net.unet_forward(diffusion.q_sample(x0, t, noise, net.cfg.schedule), t, cond, feats, fmask, tap=16)
+        target = pyramid[0] - vit_lib._pyramid_pos(32, net.cfg.vit.grid, 16, "cpu", torch.float32)  # (3, C, 16, 16)
+        z = net.repa_proj(state.flatten(2).transpose(1, 2))                             # (3, 256, C)
+        cos = F.cosine_similarity(z, target.flatten(2).transpose(1, 2), dim=-1)         # (3, 256)
+        want = ((1 - cos).mean(1) * torch.tensor([0.0, 1.0, 1.0])).sum() / 3
+    torch.testing.assert_close(b["loss_repa"], want, rtol=1e-5, atol=0)
+
+
+def test_repa_loss_reads_the_pyramid_detached_and_without_its_position():
+    """The term pulls the UNet toward the frame's map, never the map (the ViT) toward the UNet; and a projection equal
+    to the map minus its fixed position scores 0, its negation 2."""
+    net = tiny(repa_weight=1.0)
+    state = torch.randn(3, 64, 16, 16, requires_grad=True)  # the tiny UNet: 64 channels at 16x16
+    target = torch.randn(3, 32, 16, 16, requires_grad=True)
+    net.repa_loss(state, target).sum().backward()
+    assert target.grad is None and state.grad.abs().sum() > 0
+    pos = vit_lib._pyramid_pos(32, net.cfg.vit.grid, 16, "cpu", torch.float32)
+    content = (target - pos).detach().flatten(2).transpose(1, 2)                       # (3, 256, 32)
+
+    class Exact(torch.nn.Module):  # a projector that answers `out` whatever the state
+        def __init__(self, out):
+            super().__init__()
+            self.out = out
+
+        def forward(self, z):
+            return self.out
+
+    for sign, want in ((1, 0.0), (-1, 2.0)):
+        net.repa_proj = Exact(sign * content)
+        torch.testing.assert_close(net.repa_loss(state, target), torch.full((3,), want), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bad, says", [(dict(repa_weight=float("nan")), "repa_weight nan"),
+                                        (dict(repa_weight=-1.0), "repa_weight -1.0"),
+                                        (dict(repa_weight=1.0, repa_side=4), "repa_side 4 is not a side of the UNet")])
+def test_repa_settings_are_checked(bad, says):
+    with pytest.raises(ValueError, match=says):
+        tiny(**bad)
 
 
 def test_stratified_timesteps_give_each_image_one_draw_per_part_of_the_range():

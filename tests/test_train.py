@@ -287,6 +287,20 @@ def test_timestep_logit_normal_flag_reaches_the_checkpoint_and_is_checked(tmp_pa
     assert M.preset("small").timestep_logit_std == 0  # the recipe's draws stay uniform unless asked
 
 
+def test_repa_weight_flag_reaches_the_checkpoint_and_logs_its_term(full_run, tmp_path):
+    for bad, says in (("-1", "--repa-weight -1.0"), ("nan", "--repa-weight nan"), ("inf", "--repa-weight inf")):
+        refused(tmp_path / "bad", f"--repa-weight={bad}", says=says)
+    out = tmp_path / "repa"
+    r = run("--out", out, "--repa-weight", 0.5, "--stop-at", 1)
+    assert r.returncode == 0, r.stderr
+    assert M.MMInterleaved.from_checkpoint(out)[0].cfg.repa_weight == 0.5 != M.preset("small").repa_weight
+    # the same init and batches (the projector draws on a forked RNG): the first step's text and image losses are
+    # the fixture's, and the total adds 0.5 x the logged term
+    a, b = (json.loads((d / "metrics.jsonl").read_text().splitlines()[0]) for d in (full_run, out))
+    assert (a["loss_txt"], a["loss_img"]) == (b["loss_txt"], b["loss_img"]) and "loss_repa" not in a
+    assert b["loss_repa"] > 0 and math.isclose(b["loss"], a["loss"] + 0.5 * b["loss_repa"], rel_tol=1e-5)
+
+
 def test_noise_draws_t2i_flag_reaches_the_checkpoint(shaped, tmp_path):
     refused(tmp_path / "bad", "--noise-draws-t2i", -1, says="--noise-draws-t2i")
     cfg = shaped[1].cfg  # --noise-draws-t2i 3

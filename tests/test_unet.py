@@ -194,6 +194,25 @@ def test_mmfs_residual_is_local_to_the_previous_image():
     assert not torch.equal(r1[..., -1, -1], r2[..., -1, -1])  # bottom-right pixel: moved
 
 
+def test_tap_returns_the_last_down_state_of_a_side_before_mmfs():
+    """tap=s: the output is the plain forward's, and the state is the down path's last s×s map, the one the skip
+    carries before its MMFS residual: the tiny UNet's 8×8 down block's resnet output (down_blocks[1])."""
+    x, context, features = inputs(1)
+    mask = torch.ones(2, 1)
+    seen = []
+    hook = LIVE.down_blocks[1].register_forward_hook(lambda m, args, out: seen.append(out[1][-1]))
+    try:
+        with torch.no_grad():
+            plain = LIVE(x, 10, context, features, mask)
+            out, state = LIVE(x, 10, context, features, mask, tap=8)
+    finally:
+        hook.remove()
+    assert torch.equal(out, plain) and state.shape == (2, 64, 8, 8)
+    assert torch.equal(state, seen[1])  # the second call's down block 1: its last state
+    with pytest.raises(ValueError, match="tap 4: the down path's maps have sides \\[16, 8\\]"):
+        LIVE(x, 10, context, tap=4)
+
+
 def test_gradients_reach_mmfs_parameters():
     x, context, features = inputs(1)
     torch.manual_seed(0)
