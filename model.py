@@ -111,7 +111,9 @@ class MMConfig:
     # that side for the clean frame it is drawing (1 - cosine per pixel; the pyramid detached, so the ViT is not
     # pulled back). That map is what the UNet's MMFS redraws an unmoved object from, so it holds each object's shape,
     # and the small recipe's text-to-image misses are shapes, decided at mid noise (EXPERIMENTS.md: "Where the
-    # shapes are lost"). repa_weight: the term's weight beside the text and image losses; 0: off, as the authors
+    # shapes are lost"). At 0.5 (one seed-0 run) it drew them worse, −8.1 ± 2.5 points found, and kept 3 more of
+    # the unmoved objects (EXPERIMENTS.md: "Representation alignment"). repa_weight: the term's weight beside the text
+    # and image losses; 0: off, as the authors and the small recipe
     repa_weight: float = 0.0
     repa_side: int = 16
     freeze_pretrained: bool = True  # paper: freeze CLIP, the LLM (not its MMFS blocks) and the VAE, as the authors
