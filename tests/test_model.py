@@ -31,6 +31,18 @@ def net():
     return tiny()
 
 
+def unet_inputs(net, tokens, images, per_row, gens):
+    """What forward gives the UNet, step by step (every draw of every image, before the CFG swap and the masks):
+    the pyramid, each image's condition, x0, the draws (drop, t, noise), the previous image's MMFS features, mask."""
+    h, pyramid = net.hidden_states(tokens, images, per_row)
+    rows, cols, start, prev = net.image_index(tokens, per_row)
+    cond, _ = net.image_condition(h, rows, cols, start)
+    x0 = net.to_diffusion_space(images)
+    drop, t, noise, _ = net.draws(x0, per_row, gens)
+    feats, fmask = net.previous_features(pyramid, prev)
+    return pyramid, cond, x0, drop, t, noise, feats, fmask
+
+
 def image_run():
     return [BOI] + [IMG] * K
 
@@ -362,13 +374,8 @@ def test_repa_adds_one_term_and_leaves_everything_else_as_its_twin():
     torch.testing.assert_close(b["loss"], a["loss"] + 0.5 * b["loss_repa"], rtol=1e-6, atol=0)
     # by hand, with the draws and the UNet's 16x16 down state as forward makes them
     with torch.no_grad():
-        h, pyramid = net.hidden_states(tokens, images, per_row)
-        rows, cols, start, prev = net.image_index(tokens, per_row)
-        cond, _ = net.image_condition(h, rows, cols, start)
-        x0 = net.to_diffusion_space(images)
-        drop, t, noise, _ = net.draws(x0, per_row, gens())
+        pyramid, cond, x0, drop, t, noise, feats, fmask = unet_inputs(net, tokens, images, per_row, gens())
         cond = torch.where(drop[:, None, None], net.neg_prompt_embeds, cond)
-        feats, fmask = net.previous_features(pyramid, prev)
         _, state = net.unet_forward(diffusion.q_sample(x0, t, noise, net.cfg.schedule), t, cond, feats, fmask, tap=16)
         target = pyramid[0] - vit_lib._pyramid_pos(32, net.cfg.vit.grid, 16, "cpu", torch.float32)  # (3, C, 16, 16)
         z = net.repa_proj(state.flatten(2).transpose(1, 2))                             # (3, 256, C)
@@ -444,13 +451,8 @@ def test_noise_draws_t2i_gives_text_to_image_frames_their_own_number_of_draws():
     gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6)]  # noqa: E731
     out = net(tokens, images, per_row, generator=gens())
     with torch.no_grad():
-        h, pyramid = net.hidden_states(tokens, images, per_row)
-        rows, cols, start, prev = net.image_index(tokens, per_row)
-        cond, _ = net.image_condition(h, rows, cols, start)
-        x0 = net.to_diffusion_space(images)
-        drop, t, noise, hide = net.draws(x0, per_row, gens())
+        _, cond, x0, drop, t, noise, feats, fmask = unet_inputs(net, tokens, images, per_row, gens())
         assert t.shape == (9,)
-        feats, fmask = net.previous_features(pyramid, prev)
         err = []
         for r in range(3):
             sl = slice(3 * r, 3 * r + 3)
