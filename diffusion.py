@@ -212,6 +212,16 @@ def predict_x0_eps(output, x, alpha_bar, prediction_type):
     return sqrt_a * x - sqrt_1ma * output, sqrt_a * output + sqrt_1ma * x
 
 
+def output_from_x0(x0, x, alpha_bar, prediction_type):
+    """The inverse of `predict_x0_eps`: the network output at x (noise level alpha_bar) whose x0 estimate is `x0`,
+    with eps = (x - sqrt(a) x0) / sqrt(1 - a) the noise that x0 leaves in x. A sampler step fed this output moves as
+    if the network had predicted that x0 (how `sample`'s x0_fn edits the prediction)."""
+    _one_of(prediction_type, PREDICTION_TYPES, "prediction_type")
+    sqrt_a, sqrt_1ma = alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5
+    eps = (x - sqrt_a * x0) / sqrt_1ma
+    return {"epsilon": eps, "sample": x0, "v_prediction": sqrt_a * eps - sqrt_1ma * x0}[prediction_type]
+
+
 def snr(t, schedule, dtype=torch.float32):
     """Signal-to-noise ratio alpha-bar_t / (1 - alpha-bar_t) per timestep, a (B,) tensor on t's device."""
     a = schedule.alphas_cumprod
@@ -333,7 +343,7 @@ def _randn(shape, generator, device, dtype):
 
 @torch.no_grad()
 def sample(model_fn, shape, schedule, steps=30, sampler="ddpm", eta=0.0, guidance=1.0, generator=None,
-           callback=None, x_T=None, spacing=None, device=None, dtype=None, t_start=None):
+           callback=None, x_T=None, spacing=None, device=None, dtype=None, t_start=None, x0_fn=None):
     """Draw x0 from noise with ancestral DDPM (Ho et al. 2020, Alg. 2) or DDIM (Song et al. 2021) and optional CFG.
 
     `model_fn(x, t)` gets x (B, ...) and t (B,) int64 and returns the prediction, or a (cond_out, uncond_out) pair
@@ -341,7 +351,9 @@ def sample(model_fn, shape, schedule, steps=30, sampler="ddpm", eta=0.0, guidanc
     bar). Noise comes from `generator` only, in the order diffusers' pipeline draws it, so a seed reproduces a run.
     Start from `x_T` if given (then `shape` is ignored); x keeps `dtype` (default float32, or x_T's). With `t_start`,
     x_T is x at that timestep (an image noised by q_sample: SDEdit, Meng et al. 2022) and the steps are t_start, then
-    the listed timesteps below it.
+    the listed timesteps below it. `x0_fn(x0, t)`, if given, sees each step's x0 estimate (after guidance) and
+    returns the one the step moves toward: Universal Guidance's "backward guidance" (Bansal et al. 2023) and MPGD
+    (He et al. 2024) edit x0 so, without a gradient through the network; model.py's reading guidance is one.
     """
     _one_of(sampler, SAMPLERS, "sampler")
     if not 0.0 <= eta <= 1.0:
@@ -366,6 +378,12 @@ def sample(model_fn, shape, schedule, steps=30, sampler="ddpm", eta=0.0, guidanc
             raise ValueError(f"guidance={guidance} needs a model_fn that returns (cond_out, uncond_out); "
                              "wrap the model with cfg_model")
         out = out.to(x.dtype)
+        if x0_fn is not None:  # edit the x0 estimate, then hand the step the output that predicts the edited one
+            a_t = schedule.alpha_bar(t)
+            x0, _ = predict_x0_eps(out, x, a_t, schedule.prediction_type)
+            edited = x0_fn(x0, t)
+            if edited is not x0:  # left alone, the step stays bit for bit the plain one (no round trip)
+                out = output_from_x0(edited.to(x.dtype), x, a_t, schedule.prediction_type)
         if sampler == "ddpm":
             noise = _randn(x.shape, generator, x.device, x.dtype) if t > 0 else None
             x = ddpm_step(out, x, t, prev_t, schedule, noise)

@@ -12,6 +12,8 @@ detector and parser of data.py read the outputs back), then `evaluate`, the tabl
      with --rerank K also the best of K frames, the one the model itself captions likeliest (the same task with a
      generate-then-rank sampler: the rows "best of --rerank", beside the plain drawing's), and the bound a perfect
      ranker of those K frames would reach (the detector picking: it reads the answer, so it is no sampler);
+     with --read-guidance S also the same drawings (same noise) under reading guidance: the model's own caption
+     likelihood of the scene sentence steers each step's x0 estimate (model.py's reading_step; rows "read-guided");
   3. continuation: first frame, scene sentence, first event, `<BoI>` -> the next frame; centroid errors (px) of the
      objects the event left alone and of the moved one against where the event put it (inf when missing), and of
      the unmoved ones matched on shape alone (a copy in place in the wrong colour counts there), and the unmoved
@@ -45,7 +47,7 @@ from PIL import Image, ImageDraw, ImageFont
 import data
 import diffusion
 import weights
-from model import MMInterleaved
+from model import MMInterleaved, check_reading, parse_window
 
 
 def log(msg):
@@ -92,24 +94,31 @@ def caption_task(model, tok, stories, args):
     return out
 
 
-def draw(model, prompts, images, args, seed, what):
-    """Batched generate_images with its own seeded CPU generator -> uint8 frames."""
+def draw(model, prompts, images, args, seed, what, read_texts=None):
+    """Batched generate_images with its own seeded CPU generator -> uint8 frames. With read_texts (one id list per
+    prompt), under reading guidance as --read-guidance, --read-window and --read-iters set it."""
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for p, im in zip(chunks(prompts, args.batch_size), chunks(images, args.batch_size)):
+    texts = read_texts or [None] * len(prompts)
+    for p, im, tx in zip(chunks(prompts, args.batch_size), chunks(images, args.batch_size),
+                         chunks(texts, args.batch_size)):
+        read = dict(read_texts=tx, read_scale=args.read_guidance, read_window=args.read_window,
+                    read_iters=args.read_iters) if read_texts is not None else {}
         x = model.generate_images(p, im, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                                  generator=gen)                                          # (B, 3, S, S)
+                                  generator=gen, **read)                                  # (B, 3, S, S)
         out += [to_uint8(f) for f in x]
         log(f"  {what} {len(out)}/{len(prompts)}")
     return out
 
 
-def t2i_task(model, tok, stories, args, seed=None, what="text-to-image"):
-    """`<s>` scene sentence `<BoI>` -> the drawn first frame per story (noise from `seed`, default --seed)."""
+def t2i_task(model, tok, stories, args, seed=None, what="text-to-image", read=False):
+    """`<s>` scene sentence `<BoI>` -> the drawn first frame per story (noise from `seed`, default --seed); with
+    `read`, under reading guidance toward the scene sentence itself."""
     size = model.cfg.image_size
     prompts = [tok.encode(s.sentences[0]) + [tok.boi_id] for s in stories]
+    texts = [p[1:-1] for p in prompts] if read else None  # the sentence between <s> and <BoI>
     return draw(model, prompts, [torch.zeros(0, 3, size, size)] * len(stories), args,
-                args.seed if seed is None else seed, what)
+                args.seed if seed is None else seed, what, read_texts=texts)
 
 
 def rerank_task(model, tok, stories, args, first):
@@ -305,6 +314,15 @@ def evaluate(model, tok, stories, args):
             found = np.max([score_t2i(stories, c)["t2i_objects"].num for c in cands], axis=0)    # (n,)
             metrics["t2i_best_bound"] = ratio(found, plain.den)
             log(f"  done in {time.time() - t0:.1f} s")
+        if name == "t2i" and args.read_guidance > 0:  # the same prompts and noise, steered by the model's reading
+            t0 = time.time()
+            log(f"text-to-image, read-guided ({args.read_guidance}):")
+            outputs["t2i_read"] = t2i_task(model, tok, stories, args, what="read-guided", read=True)
+            read = score_t2i(stories, outputs["t2i_read"])
+            metrics.update({k.replace("t2i_", "t2i_read_"): v for k, v in read.items() if k != "t2i_objects_other"})
+            plain = metrics["t2i_objects"]
+            metrics["t2i_read_gain"] = ratio(read["t2i_objects"].num - plain.num, plain.den)
+            log(f"  done in {time.time() - t0:.1f} s")
     return metrics, outputs
 
 
@@ -327,6 +345,10 @@ ROWS = [  # (key, label, as a percentage?)
     ("t2i_best_gain", "text->image, best of --rerank: objects found, gain", True),
     ("t2i_best_plain_kept", "text->image, best of --rerank: the plain drawing kept", True),
     ("t2i_best_bound", "text->image, best of --rerank by the detector (a bound)", True),
+    ("t2i_read_objects", "text->image, read-guided: objects found", True),
+    ("t2i_read_exact", "text->image, read-guided: objects exact", True),
+    ("t2i_read_extra", "text->image, read-guided: extra objects / frame", False),
+    ("t2i_read_gain", "text->image, read-guided: objects found, gain", True),
     ("unmoved_median_px", "continuation: unmoved median error (px)", False),
     ("unmoved_found", "continuation: unmoved found", True),
     ("unmoved_found_px", "continuation: unmoved found: median error (px)", False),
@@ -387,7 +409,7 @@ def table(results):
     w0, w = max(len(label) for _, label, _ in ROWS), max(15, *map(len, head))
     lines = [f"{'':<{w0}}  " + "  ".join(f"{n:>{w}}" for n in head)]
     for key, label, pct in ROWS:
-        if all(key not in r["metrics"] for r in results):  # a row of an option no run used (--rerank)
+        if all(key not in r["metrics"] for r in results):  # a row of an option no run used (--rerank, ...)
             continue
         cells = [cell(r["metrics"].get(key), se.get(key), pct) for r, se in zip(results, ses)]
         for diff in diffs:
@@ -433,7 +455,7 @@ def save_grid(path, rows, zoom=4):
 
 def save_images(directory, stories, results, max_rows=12):
     """captions.png (frame; truth and each checkpoint's caption), t2i.png and continuation.png (truth, then each
-    checkpoint's frame; t2i.png then each best of --rerank) for the first stories."""
+    checkpoint's frame; t2i.png then each best of --rerank and each read-guided) for the first stories."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     outs = [r["outputs"] for r in results]
@@ -441,7 +463,8 @@ def save_images(directory, stories, results, max_rows=12):
     save_grid(directory / "captions.png", [([s.images[0]], [f"true: {s.sentences[0]}"] + [
         f"[{j}]:  {o['captions'][i]}" for j, o in enumerate(outs)]) for i, s in ss])
     save_grid(directory / "t2i.png", [([s.images[0]] + [o["t2i"][i] for o in outs] +  # then each best of --rerank
-                                       [o["t2i_best"][i] for o in outs if "t2i_best" in o], [s.sentences[0]])
+                                       [o["t2i_best"][i] for o in outs if "t2i_best" in o] +
+                                       [o["t2i_read"][i] for o in outs if "t2i_read" in o], [s.sentences[0]])
                                       for i, s in ss])
     save_grid(directory / "continuation.png", [([s.images[0], s.images[1]] + [o["continuation"][i] for o in outs],
                                                 [s.sentences[1]]) for i, s in ss])
@@ -464,6 +487,11 @@ def parse_args(argv=None):
     g.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="diffusion sampler")
     g.add_argument("--rerank", type=int, default=1, metavar="K", help="also draw each scene K times and keep the "
                    "drawing the model itself captions likeliest (rows 'best of --rerank'; 1: off)")
+    g.add_argument("--read-guidance", type=float, default=0.0, metavar="S", help="also draw each scene under "
+                   "reading guidance of step S (0.3 in the README; rows 'read-guided'; 0: off)")
+    g.add_argument("--read-window", default="300,900", metavar="LO,HI",
+                   help="timesteps (of the training schedule's) where reading guidance acts")
+    g.add_argument("--read-iters", type=int, default=4, metavar="N", help="reading-guidance steps per sampling step")
     g.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     g = ap.add_argument_group("output")
@@ -472,6 +500,11 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.n < 1 or args.steps < 1 or args.batch_size < 1 or args.rerank < 1:
         ap.error("--n, --steps, --rerank and --batch-size must be >= 1")
+    try:
+        args.read_window = parse_window(args.read_window)
+        check_reading(args.read_guidance, args.read_window, args.read_iters)
+    except ValueError as e:
+        ap.error(str(e))
     return args
 
 
@@ -495,6 +528,9 @@ def main(argv=None):
         del model  # one model in memory at a time
     print(table(results))
     settings = {k: getattr(args, k) for k in ("n", "seed", "steps", "guidance", "sampler", "rerank", "batch_size")}
+    if args.read_guidance > 0:
+        settings.update(read_guidance=args.read_guidance, read_window=list(args.read_window),
+                        read_iters=args.read_iters)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
     weights.atomic_write_text(out, json.dumps(report(settings, results), indent=2, allow_nan=False) + "\n")
     log(f"wrote {out}")

@@ -217,6 +217,26 @@ def convolutions_in_bfloat16(net, when=lambda: True):
             m.forward = wrap(m.forward)
 
 
+def check_reading(scale, window, iters):
+    """Reading-guidance settings (generate_images) -> ValueError naming the bad one."""
+    lo, hi = window
+    if not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"reading guidance scale must be a finite number >= 0, got {scale}")
+    if not 0 <= lo <= hi:
+        raise ValueError(f"reading guidance window must be timesteps 0 <= low <= high, got {lo},{hi}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"reading guidance iterations must be an int >= 1, got {iters!r}")
+
+
+def parse_window(text):
+    """A --read-window flag "LO,HI" -> (LO, HI) ints, or a ValueError that quotes it."""
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"reading guidance window {text!r}: expected two timesteps LO,HI, e.g. 300,900") from None
+    return lo, hi
+
+
 def ce_sum(logits, targets):
     """Summed cross-entropy of logits (..., V) against targets (...) in float32; -100 targets are skipped. The text
     losses are sums, divided by the global count of text targets, so that DDP ranks add up to the global mean."""
@@ -703,12 +723,29 @@ class MMInterleaved(nn.Module):
 
     @torch.no_grad()
     def generate_images(self, prompts, images, steps=20, guidance=3.0, sampler="ddim", generator=None,
-                        callback=None, start=None):
+                        callback=None, start=None, read_texts=None, read_scale=0.3, read_window=(300, 900),
+                        read_iters=4):
         """Draw the image each prompt ends in (prompts and images as prompt_conditions takes them): one LLM pass
         gives the condition, then DDPM/DDIM with CFG, MMFS reading the previous image of the segment
         -> (B, 3, image_size, image_size) in [0, 1]. `start` = (frames (B, 3, S, S) in [0, 1], t): begin from those
-        frames noised to timestep t instead of from pure noise (SDEdit; bench/probe_drawing.py --from-truth)."""
+        frames noised to timestep t instead of from pure noise (SDEdit; bench/probe_drawing.py --from-truth).
+
+        Reading guidance (`read_texts`, one id list per prompt: what each drawing should read as, e.g. the scene
+        sentence): at every sampling step whose timestep lies in `read_window` (inclusive, in training timesteps),
+        `read_iters` reading_steps of size `read_scale` move the step's x0 estimate toward a frame the model itself
+        captions as that text. Off with read_texts None or read_scale 0."""
         c = self.cfg
+        x0_fn = None
+        if read_texts is not None and read_scale != 0:
+            check_reading(read_scale, read_window, read_iters)
+            if len(read_texts) != len(prompts):
+                raise ValueError(f"read_texts has {len(read_texts)} texts for {len(prompts)} prompts")
+            lo, hi = read_window
+
+            def x0_fn(x0, t):  # the sampler's hook: only in the window, where shapes are decided (EXPERIMENTS.md)
+                for _ in range(read_iters if lo <= t <= hi else 0):
+                    x0 = self.reading_step(x0, read_texts, read_scale)
+                return x0
         cond, unet_kw = self.prompt_conditions(prompts, images)
         side = c.image_size // (8 if self.vae is not None else 1)
         shape = (len(prompts), c.unet.in_channels, side, side)
@@ -723,14 +760,35 @@ class MMInterleaved(nn.Module):
             noise = diffusion._randn(x0.shape, generator, x0.device, x0.dtype)  # as the sampler draws its noise
             x_T = diffusion.q_sample(x0, torch.full((len(x0),), t_start, device=x0.device), noise, c.schedule)
         x = diffusion.sample(model_fn, shape, c.schedule, steps, sampler, guidance=guidance, generator=generator,
-                             callback=callback, x_T=x_T, t_start=t_start, device=cond.device, dtype=cond.dtype)
+                             callback=callback, x_T=x_T, t_start=t_start, device=cond.device, dtype=cond.dtype,
+                             x0_fn=x0_fn)
         return self.from_diffusion_space(x)
+
+    def reading_step(self, x0, texts, scale):
+        """One step of reading guidance: x0 (B, C, s, s), a sampler's clean-image estimate in diffusion space, moved
+        by `scale` (the RMS of the move per image, in those units) up the gradient of log p(text | decoded x0), the
+        model reading its own drawing as a caption (caption_logprob's pass) -> the moved x0, detached.
+
+        The gradient stops at x0, so the UNet is not differentiated: the "backward guidance" of Universal Guidance
+        (Bansal et al. 2023). It is the best-of-K ranker (eval.py --rerank) used as a direction instead of a choice:
+        in the small recipe the drawings come out as the right blobs in the wrong shapes, which the reading tells
+        apart (EXPERIMENTS.md, "Reading guidance")."""
+        z = x0.detach().requires_grad_()
+        with torch.enable_grad():
+            lp = self._text_logprob(self._caption_rows(texts), self.from_diffusion_space(z), [len(t) for t in texts])
+            grad, = torch.autograd.grad(lp.sum(), z)                                       # (B, C, s, s)
+        rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)                      # (B,)
+        return (z + scale * grad / rms.view(-1, *[1] * (z.dim() - 1))).detach()
 
     @torch.no_grad()
     def text_logprob(self, rows, images, scored):
         """log p of the last scored[b] tokens of each row given all before them, one teacher-forced LLM pass (rows:
         id lists whose <BoI>s all have their image, row-major in `images` (ΣI, 3, S, S) in [0, 1]) -> (B,) float.
         With the frame first and its sentence last (caption_logprob) the model reads its own drawings back."""
+        return self._text_logprob(rows, images, scored)
+
+    def _text_logprob(self, rows, images, scored):
+        """text_logprob with autograd left as the caller has it (reading_step differentiates it in the image)."""
         ids = self.cfg.ids
         if any(not 0 < k < len(r) for r, k in zip(rows, scored, strict=True)):
             raise ValueError("text_logprob: each row scores at least one token and keeps at least one before them")
@@ -747,9 +805,12 @@ class MMInterleaved(nn.Module):
     def caption_logprob(self, images, texts):
         """log p(text | image) with the image first, as in a caption document `<s><BoI><image>*K text` (images
         (B, 3, S, S) in [0, 1], texts id lists) -> (B,): how eval.py and sample.py --rerank rank drawings."""
+        return self.text_logprob(self._caption_rows(texts), images, [len(t) for t in texts])
+
+    def _caption_rows(self, texts):
+        """Text id lists -> caption documents `<s><BoI><image>*K text`, one per text."""
         ids, k = self.cfg.ids, self.cfg.num_image_tokens
-        rows = [[ids["bos"], ids["boi"]] + [ids["image"]] * k + list(t) for t in texts]
-        return self.text_logprob(rows, images, [len(t) for t in texts])
+        return [[ids["bos"], ids["boi"]] + [ids["image"]] * k + list(t) for t in texts]
 
     # ---------------------------------------------------------------------------------------------- checkpoints
 

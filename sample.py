@@ -161,12 +161,16 @@ def draw(model, ids, images, args, generator, label):
 
     The frame is rounded to 8 bits before the model reads it back, so the story goes on from exactly the PNG saved.
     With --rerank K, a frame drawn from text alone (no earlier image in the story) is the best of K drawings: the one
-    after which the model, reading it as a caption, finds the text before it likeliest (as eval.py --rerank)."""
+    after which the model, reading it as a caption, finds the text before it likeliest (as eval.py --rerank). With
+    --read-guidance S, such a frame is drawn under reading guidance toward that text (as eval.py --read-guidance)."""
     S, text = model.cfg.image_size, ids[1:-1]  # the text between <s> and <BoI>
     given = torch.cat(images) if images else torch.zeros(0, 3, S, S, device=args.device)  # (n, 3, S, S)
-    k = args.rerank if not images and text else 1  # a continuation has no sentence that describes its whole frame
+    from_text = not images and text  # a continuation has no sentence that describes its whole frame
+    k = args.rerank if from_text else 1
+    read = dict(read_texts=[text] * k, read_scale=args.read_guidance, read_window=args.read_window,
+                read_iters=args.read_iters) if from_text and args.read_guidance > 0 else {}
     x = model.generate_images([ids] * k, [given] * k, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                              generator=generator, callback=progress(label, args.steps))       # (k, 3, S, S)
+                              generator=generator, callback=progress(label, args.steps), **read)  # (k, 3, S, S)
     frames = (x.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()  # (k, S, S, 3)
     best = 0
     if k > 1:  # the text read after each drawing, as a caption
@@ -186,6 +190,8 @@ def check_args(args):
     for flag, value, ok, rule in rules:
         if not ok:
             raise ValueError(f"{flag} must be {rule}, got {value}")
+    args.read_window = model_lib.parse_window(args.read_window)
+    model_lib.check_reading(args.read_guidance, args.read_window, args.read_iters)
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -296,6 +302,11 @@ def main(argv=None):
     g.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     g.add_argument("--rerank", type=int, default=1, metavar="K", help="draw a frame that has no earlier image K times "
                    "and keep the one the model itself captions likeliest (as eval.py --rerank; 1: off)")
+    g.add_argument("--read-guidance", type=float, default=0.0, metavar="S", help="draw a frame that has no earlier "
+                   "image under reading guidance of step S toward its text (0.3 in the README; 0: off)")
+    g.add_argument("--read-window", default="300,900", metavar="LO,HI",
+                   help="timesteps (of the training schedule's) where reading guidance acts")
+    g.add_argument("--read-iters", type=int, default=4, metavar="N", help="reading-guidance steps per sampling step")
     args = ap.parse_args(argv)
     try:
         run(args)

@@ -153,6 +153,24 @@ def test_predict_x0_eps_inverts_target(prediction_type):
 
 
 @pytest.mark.parametrize("prediction_type", D.PREDICTION_TYPES)
+def test_output_from_x0_is_the_output_that_predicts_that_x0(prediction_type):
+    """output_from_x0 inverts predict_x0_eps at any x and noise level: the output it gives predicts the x0 it was
+    handed, with the eps that x0 leaves in x; and a true target maps back to itself (float64)."""
+    s = D.Schedule()
+    g = torch.Generator().manual_seed(2)
+    x0, noise, x = (torch.randn(5, 3, 4, 4, generator=g, dtype=F64) for _ in range(3))
+    t = torch.tensor([0, 10, 300, 700, 999])
+    a = s.alphas_cumprod[t].view(-1, 1, 1, 1)
+    out = D.output_from_x0(x0, x, a, prediction_type)
+    x0_back, eps_back = D.predict_x0_eps(out, x, a, prediction_type)
+    assert_close(x0_back, x0, rtol=1e-9, atol=1e-9)
+    assert_close(eps_back, (x - a.sqrt() * x0) / (1 - a).sqrt(), rtol=1e-9, atol=1e-9)
+    x_t = D.q_sample(x0, t, noise, s)
+    target = D.training_target(x0, noise, t, s, prediction_type)
+    assert_close(D.output_from_x0(x0, x_t, a, prediction_type), target, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("prediction_type", D.PREDICTION_TYPES)
 def test_min_snr_weight(prediction_type):
     """weight * |d target|^2 == min(SNR, gamma) * |d x0|^2 for any prediction error (Hang et al. 2023)."""
     s = D.Schedule()
@@ -368,6 +386,32 @@ def test_sample_from_t_start_visits_it_then_the_grid_below():
     for bad in (dict(t_start=500), dict(x_T=z, t_start=1000), dict(x_T=z, t_start=-1)):
         with pytest.raises(ValueError, match="t_start"):
             D.sample(fn, (3, 16), s, steps=20, sampler="ddim", **bad)
+
+
+@pytest.mark.parametrize("sampler", D.SAMPLERS)
+def test_sample_x0_fn_sees_each_estimate_and_steers_the_step(sampler):
+    """x0_fn gets every step's x0 estimate after CFG, in order; returning it unchanged changes nothing, and returning a
+    fixed frame F makes DDIM a known contraction toward F: x - sqrt(a) F shrinks by sqrt((1 - a') / (1 - a)) a
+    step, whatever the model says, so the end is sqrt(a_0) F + sqrt((1 - a_0) / (1 - a_T)) (x_T - sqrt(a_T) F)."""
+    s = D.PRESETS["small"]  # v-prediction, trailing spacing
+    fn = D.cfg_model(toy_model, torch.ones(3, 2, 2, dtype=F64), torch.zeros(1, 2, 2, dtype=F64))
+    z = torch.randn(3, 16, generator=torch.Generator().manual_seed(9), dtype=F64)
+    run = lambda **kw: D.sample(fn, None, s, steps=6, sampler=sampler, guidance=2.0, x_T=z,  # noqa: E731
+                                generator=torch.Generator().manual_seed(1), **kw)
+    seen, xs = [], []
+    plain = run(callback=lambda i, t, x: xs.append(x))
+    assert torch.equal(run(x0_fn=lambda x0, t: seen.append((t, x0)) or x0), plain)
+    grid = D.timesteps(s, 6)
+    assert [t for t, _ in seen] == grid
+    for (t, x0), x in zip(seen, [z] + xs):  # each estimate is the guided output's x0 at that step's x
+        tt = torch.full((3,), t)
+        out = D.guide(*fn(x, tt), 2.0)
+        assert_close(x0, D.predict_x0_eps(out, x, s.alpha_bar(t), s.prediction_type)[0], rtol=1e-12, atol=1e-12)
+    if sampler == "ddim":
+        frame = torch.linspace(-1, 1, 16, dtype=F64).expand(3, 16)
+        a_T, a_0 = s.alpha_bar(grid[0]), s.alpha_bar(0)
+        want = a_0 ** 0.5 * frame + ((1 - a_0) / (1 - a_T)) ** 0.5 * (z - a_T ** 0.5 * frame)
+        assert_close(run(x0_fn=lambda x0, t: frame), want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -30,10 +30,12 @@ KEYS = set(FRACTIONS) | set(GAPS) | {"t2i_extra", "t2i_objects_other", "unmoved_
                                      "unmoved_shape_count"}
 BEST_FRACTIONS = ["t2i_best_objects", "t2i_best_exact", "t2i_best_plain_kept", "t2i_best_bound"]  # --rerank K > 1
 BEST = set(BEST_FRACTIONS) | {"t2i_best_extra", "t2i_best_gain"}
+READ = {"t2i_read_objects", "t2i_read_exact", "t2i_read_extra", "t2i_read_gain"}  # --read-guidance S > 0
 
 
 def _args(**kw):
-    base = dict(seed=0, steps=1, guidance=3.0, sampler="ddim", batch_size=32, rerank=1)
+    base = dict(seed=0, steps=1, guidance=3.0, sampler="ddim", batch_size=32, rerank=1, read_guidance=0.0,
+                read_window=(300, 900), read_iters=4)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -187,6 +189,30 @@ def test_rerank_keeps_the_drawing_the_model_captions_likeliest(loaded):
     assert all(np.array_equal(frames[i], cands[j][i]) for i, j in enumerate(best))
 
 
+def test_read_guided_t2i_is_the_plain_task_steered_toward_its_own_sentence(loaded):
+    """t2i_task(read=True): the same prompts and noise as the plain task, drawn under reading guidance toward each
+    story's scene sentence (the ids between <s> and <BoI>); with a window no step falls in, the plain frames."""
+    model, tok = loaded
+    stories = _stories(3)
+    args = _args(steps=3, batch_size=2, read_guidance=0.3, read_iters=1, read_window=(0, 999))
+    got = ev.t2i_task(model, tok, stories, args, read=True)
+    prompts = [tok.encode(s.sentences[0]) + [tok.boi_id] for s in stories]
+    texts = [tok.encode(s.sentences[0], bos=False) for s in stories]
+    assert all(p[1:-1] == t for p, t in zip(prompts, texts))
+    gen, want = torch.Generator().manual_seed(0), []
+    for i in (0, 2):
+        x = model.generate_images(prompts[i:i + 2], [torch.zeros(0, 3, 32, 32)] * len(prompts[i:i + 2]), steps=3,
+                                  generator=gen, read_texts=texts[i:i + 2], read_scale=0.3, read_window=(0, 999),
+                                  read_iters=1)
+        want += [ev.to_uint8(f) for f in x]
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    plain = ev.t2i_task(model, tok, stories, args)
+    assert not all(np.array_equal(a, b) for a, b in zip(got, plain))
+    outside = ev.t2i_task(model, tok, stories, _args(steps=3, batch_size=2, read_guidance=0.3, read_window=(1000, 1000)),
+                          read=True)
+    assert all(np.array_equal(a, b) for a, b in zip(outside, plain))
+
+
 def test_t2i_chance_level_scores_each_frame_against_the_previous_story():
     stories = _stories(12)
     frames = [s.images[0] for s in stories]
@@ -208,19 +234,21 @@ def test_cli_compare_writes_json_and_images(tiny_checkpoint, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, ckpt)  # the default --out lands inside the checkpoint directory
     ev.main(["--checkpoint", str(ckpt), "--compare", str(ckpt), "--n", "4", "--steps", "2", "--batch-size", "4",
-             "--device", "cpu", "--rerank", "2", "--save-images", str(tmp_path / "img")])
+             "--device", "cpu", "--rerank", "2", "--read-guidance", "0.3", "--read-iters", "1", "--save-images",
+             str(tmp_path / "img")])
     report = json.loads((ckpt / "eval.json").read_text())
     assert report["settings"] == {"n": 4, "seed": 0, "steps": 2, "guidance": 3.0, "sampler": "ddim", "rerank": 2,
-                                  "batch_size": 4}
+                                  "batch_size": 4, "read_guidance": 0.3, "read_window": [300, 900], "read_iters": 1}
     a, b = report["results"]
     assert a["checkpoint"] == b["checkpoint"] == str(ckpt)
-    assert set(a["metrics"]) == KEYS | BEST
+    assert set(a["metrics"]) == KEYS | BEST | READ
     assert a["metrics"] == b["metrics"]  # same checkpoint, same seed: fresh loads and generators agree
-    for k in FRACTIONS + BEST_FRACTIONS:
+    for k in FRACTIONS + BEST_FRACTIONS + ["t2i_read_objects", "t2i_read_exact"]:
         v = a["metrics"][k]
         assert v is None or (math.isfinite(v) and 0 <= v <= 1), (k, v)
     m = a["metrics"]  # the gain is the best-of-K rate minus the plain one, over the same objects
     assert m["t2i_best_gain"] == pytest.approx(m["t2i_best_objects"] - m["t2i_objects"], abs=1e-12)
+    assert m["t2i_read_gain"] == pytest.approx(m["t2i_read_objects"] - m["t2i_objects"], abs=1e-12)
     # the detector's pick finds at least what the model's pick and the plain drawing find, story by story
     assert m["t2i_best_bound"] >= max(m["t2i_best_objects"], m["t2i_objects"]) - 1e-12
     for k in ("t2i_extra", "cont_extra", "unmoved_median_px", "moved_median_px", "unmoved_found_px", "moved_found_px",
@@ -228,7 +256,7 @@ def test_cli_compare_writes_json_and_images(tiny_checkpoint, tmp_path, capsys):
         v = a["metrics"][k]
         assert v is None or (math.isfinite(v) and v >= 0), (k, v)
     assert a["metrics"]["unmoved_count"] + a["metrics"]["moved_count"] > 0
-    assert set(a["std_errors"]) <= KEYS | BEST and all(v is None or v >= 0 for v in a["std_errors"].values())
+    assert set(a["std_errors"]) <= KEYS | BEST | READ and all(v is None or v >= 0 for v in a["std_errors"].values())
     assert set(report["difference"]) == set(a["std_errors"])  # same checkpoint twice: no difference, no error
     assert all(d == {"value": 0.0, "std_error": 0.0} for d in report["difference"].values()), report["difference"]
     header, *rows = capsys.readouterr().out.strip().splitlines()

@@ -572,6 +572,48 @@ def test_generate_images_from_a_noised_frame_starts_at_its_timestep(net, monkeyp
     assert torch.equal(a, b) and a.shape == (2, 3, 32, 32)
 
 
+def test_reading_step_moves_x0_by_its_scale_up_the_caption_likelihood(net):
+    """One reading step moves each image by exactly `scale` (RMS) along the gradient of log p(text | image), so a
+    small step raises caption_logprob; the weights get no gradient and keep their requires_grad."""
+    texts = [[10, 11, 12], [13, 14]]
+    flags = [p.requires_grad for p in net.parameters()]
+    x0 = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 1.6 - 0.8  # inside [-1, 1]
+    before = net.caption_logprob(net.from_diffusion_space(x0), texts)
+    moved = net.reading_step(x0, texts, 1e-3)
+    step = (moved - x0).flatten(1)
+    torch.testing.assert_close(step.pow(2).mean(1).sqrt(), torch.full((2,), 1e-3), rtol=1e-4, atol=0)
+    assert not moved.requires_grad and (net.caption_logprob(net.from_diffusion_space(moved), texts) > before).all()
+    assert all(p.grad is None for p in net.parameters()) and [p.requires_grad for p in net.parameters()] == flags
+
+
+def test_reading_guidance_acts_in_its_window_only(net):
+    """generate_images with read_texts: a window no sampling step falls in gives the plain drawing bit for bit; a
+    window holding one timestep applies read_iters reading steps there, as a hand-written x0_fn does; bad settings
+    and a text count that does not match the prompts are refused."""
+    prompts, imgs, texts = [[BOS, 10, 11, BOI]] * 2, [torch.zeros(0, 3, 32, 32)] * 2, [[10, 11]] * 2
+    kw = dict(steps=4, generator=None)
+    draw = lambda **k: net.generate_images(prompts, imgs, **{**kw, "generator": torch.Generator().manual_seed(1),  # noqa: E731
+                                                             **k})
+    plain = draw()
+    assert torch.equal(draw(read_texts=texts, read_window=(1000, 2000)), plain)
+    assert torch.equal(draw(read_texts=texts, read_scale=0.0), plain)
+    t_mid = diffusion.timesteps(net.cfg.schedule, 4)[1]
+    guided = draw(read_texts=texts, read_scale=0.2, read_window=(t_mid, t_mid), read_iters=2)
+    assert not torch.equal(guided, plain)
+
+    def by_hand(x0, t):
+        return net.reading_step(net.reading_step(x0, texts, 0.2), texts, 0.2) if t == t_mid else x0
+    real = diffusion.sample
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(diffusion, "sample", lambda *a, **k: real(*a, **{**k, "x0_fn": by_hand}))
+        torch.testing.assert_close(draw(), guided, rtol=0, atol=0)
+    for bad, says in ((dict(read_scale=-0.1), "scale"), (dict(read_scale=float("nan")), "scale"),
+                      (dict(read_window=(900, 300)), "window"), (dict(read_iters=0), "iterations"),
+                      (dict(read_texts=texts[:1]), "1 texts for 2 prompts")):
+        with pytest.raises(ValueError, match=says):
+            draw(**{"read_texts": texts, **bad})
+
+
 def test_text_logprob_is_the_teacher_forced_sum_and_ignores_padding(net):
     """log p of each row's last `scored` tokens: the log-softmax of the logits at the positions before them, summed
     (float64 by hand on the row alone); in a batch with a longer row (right padding) the same, in float32."""

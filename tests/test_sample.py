@@ -251,6 +251,32 @@ def test_rerank_keeps_the_likeliest_of_k_drawings_from_text(story, tiny, tmp_pat
     assert [x.shape[0] for x in drawn] == [1] and len(scored) == 1  # a continuation: one drawing, nothing scored
 
 
+def test_read_guidance_steers_a_frame_from_text_only(story, tiny, tmp_path, monkeypatch):
+    """--read-guidance 0.3: a frame drawn from text alone is drawn under reading guidance toward that text (its
+    ids, the window and iterations as given); a frame after a given image is drawn without it; bad values are
+    refused in one line."""
+    model, tok = tiny
+    real_draw, calls = M.MMInterleaved.generate_images, []
+
+    def spy_draw(self, prompts, images, **kw):
+        calls.append(kw)
+        return real_draw(self, prompts, images, **kw)
+    monkeypatch.setattr(M.MMInterleaved, "generate_images", spy_draw)
+    text = "there is a big red circle at the top left."
+    story(tmp_path / "a", f"{text}\n<image>\n", [[tok.eos_id]], "--read-guidance", 0.3, "--read-window", "0,999",
+          "--read-iters", 2)
+    (kw,) = calls
+    assert kw["read_texts"] == [tok.encode(text, bos=False)] and kw["read_scale"] == 0.3
+    assert kw["read_window"] == (0, 999) and kw["read_iters"] == 2
+    calls.clear()
+    story(tmp_path / "b", f"![](f.png) {text}\n<image>\n", [[tok.eos_id]], "--read-guidance", 0.3)
+    assert [("read_texts" in kw) for kw in calls] == [False]  # a continuation: no sentence describes its frame
+    for flags, says in ((("--read-guidance", -1), "scale must be"), (("--read-window", "9"), "window '9'"),
+                        (("--read-iters", 0), "iterations must be")):
+        with pytest.raises(SystemExit, match=says):
+            story(tmp_path / "c", f"{text}\n<image>\n", [[tok.eos_id]], *flags)
+
+
 # --- bad input -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["missing prompt", "empty prompt", "missing image", "not an image", "too many images",
