@@ -488,7 +488,7 @@ def parse_args(argv=None):
     g.add_argument("--rerank", type=int, default=1, metavar="K", help="also draw each scene K times and keep the "
                    "drawing the model itself captions likeliest (rows 'best of --rerank'; 1: off)")
     g.add_argument("--read-guidance", type=float, default=0.0, metavar="S", help="also draw each scene under "
-                   "reading guidance of step S (0.3 in the README; rows 'read-guided'; 0: off)")
+                   "reading guidance of step S (0.3 measured, EXPERIMENTS.md; rows 'read-guided'; 0: off)")
     g.add_argument("--read-window", default="300,900", metavar="LO,HI",
                    help="timesteps (of the training schedule's) where reading guidance acts")
     g.add_argument("--read-iters", type=int, default=4, metavar="N", help="reading-guidance steps per sampling step")

@@ -303,7 +303,7 @@ def main(argv=None):
     g.add_argument("--rerank", type=int, default=1, metavar="K", help="draw a frame that has no earlier image K times "
                    "and keep the one the model itself captions likeliest (as eval.py --rerank; 1: off)")
     g.add_argument("--read-guidance", type=float, default=0.0, metavar="S", help="draw a frame that has no earlier "
-                   "image under reading guidance of step S toward its text (0.3 in the README; 0: off)")
+                   "image under reading guidance of step S toward its text (0.3 measured; 0: off)")
     g.add_argument("--read-window", default="300,900", metavar="LO,HI",
                    help="timesteps (of the training schedule's) where reading guidance acts")
     g.add_argument("--read-iters", type=int, default=4, metavar="N", help="reading-guidance steps per sampling step")

@@ -591,9 +591,9 @@ def test_reading_guidance_acts_in_its_window_only(net):
     window holding one timestep applies read_iters reading steps there, as a hand-written x0_fn does; bad settings
     and a text count that does not match the prompts are refused."""
     prompts, imgs, texts = [[BOS, 10, 11, BOI]] * 2, [torch.zeros(0, 3, 32, 32)] * 2, [[10, 11]] * 2
-    kw = dict(steps=4, generator=None)
-    draw = lambda **k: net.generate_images(prompts, imgs, **{**kw, "generator": torch.Generator().manual_seed(1),  # noqa: E731
-                                                             **k})
+
+    def draw(**k):
+        return net.generate_images(prompts, imgs, steps=4, generator=torch.Generator().manual_seed(1), **k)
     plain = draw()
     assert torch.equal(draw(read_texts=texts, read_window=(1000, 2000)), plain)
     assert torch.equal(draw(read_texts=texts, read_scale=0.0), plain)
