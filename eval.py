@@ -127,21 +127,24 @@ def rerank_task(model, tok, stories, args, first):
     the t2i task's drawing, so a story's best is never worse-scored than its plain one; candidate j > 0 draws with
     seed + 1000 j. A generate-then-rank sampler (as DALL-E's CLIP reranking), with the model as its own ranker.
     Also returns the K candidates' frames (K lists of n), for the detector's bound in `evaluate`."""
-    size = model.cfg.image_size
     cands = [first] + [t2i_task(model, tok, stories, args, args.seed + 1000 * j, f"candidate {j}")
                        for j in range(1, args.rerank)]
     texts = [tok.encode(s.sentences[0], bos=False) for s in stories]
-    dev = next(model.parameters()).device
-    scores = []                                                                            # K x (n,)
-    for frames in cands:
-        part_scores = []
-        for idx in chunks(list(range(len(stories))), args.batch_size):
-            images = torch.stack([data.image_tensor(frames[i], size) for i in idx]).to(dev)  # (B, 3, S, S)
-            part_scores.append(model.caption_logprob(images, [texts[i] for i in idx]).cpu())
-        scores.append(torch.cat(part_scores))
-    best = torch.stack(scores).argmax(0).tolist()                                          # (n,) candidate index
+    scores = torch.stack([caption_scores(model, frames, texts, args.batch_size) for frames in cands])  # (K, n)
+    best = scores.argmax(0).tolist()                                                       # (n,) candidate index
     log(f"  reranked {len(stories)}: the plain drawing kept for {best.count(0)}")
     return [cands[j][i] for i, j in enumerate(best)], best, cands
+
+
+def caption_scores(model, frames, texts, batch_size):
+    """log p(text | frame) per uint8 frame, the frame read first as in a caption (caption_logprob) -> (n,) on the
+    CPU, in batches of batch_size."""
+    size, dev = model.cfg.image_size, next(model.parameters()).device
+    out = []
+    for fr, tx in zip(chunks(frames, batch_size), chunks(texts, batch_size)):
+        images = torch.stack([data.image_tensor(f, size) for f in fr]).to(dev)             # (B, 3, S, S)
+        out.append(model.caption_logprob(images, tx).cpu())
+    return torch.cat(out)
 
 
 def continuation_task(model, tok, stories, args):

@@ -743,8 +743,9 @@ class MMInterleaved(nn.Module):
             lo, hi = read_window
 
             def x0_fn(x0, t):  # the sampler's hook: only in the window, where shapes are decided (EXPERIMENTS.md)
-                for _ in range(read_iters if lo <= t <= hi else 0):
-                    x0 = self.reading_step(x0, read_texts, read_scale)
+                if lo <= t <= hi:
+                    for _ in range(read_iters):
+                        x0 = self.reading_step(x0, read_texts, read_scale)
                 return x0
         cond, unet_kw = self.prompt_conditions(prompts, images)
         side = c.image_size // (8 if self.vae is not None else 1)

@@ -56,7 +56,6 @@ for setting in args.grid.split(","):
         sys.exit(f"probe_reading.py: --grid setting {setting!r}: {e}")
     seconds = time.time() - t0
     m = ev.score_t2i(stories, frames)
-    lp = torch.cat([model.caption_logprob(torch.stack([data.image_tensor(f, size) for f in fr]), tx)
-                    for fr, tx in zip(ev.chunks(frames, args.batch_size), ev.chunks(texts, args.batch_size))])
+    lp = ev.caption_scores(model, frames, texts, args.batch_size)
     print(f"{setting:22s} {m['t2i_objects']:7.1%} {m['t2i_exact']:7.1%} {float(m['t2i_extra']):6.2f} "
           f"{m['t2i_objects_other']:7.1%} {lp.mean().item():7.2f} {seconds:5.0f}", flush=True)
