@@ -229,6 +229,17 @@ def snr(t, schedule, dtype=torch.float32):
     return (a / (1.0 - a)).to(device=t.device, dtype=dtype)[t]
 
 
+def elbo_weight(t, schedule, dtype=torch.float64):
+    """The weight of ||x0 - x0_hat(x_t)||^2 in the ELBO's step-t term, 1/2 (SNR(t-1) - SNR(t)) (Ho et al. 2020 eq. 5,
+    the KL between q(x_{t-1} | x_t, x0) and the model's step of the same variance; Kingma et al. 2021 eq. 13), per
+    timestep t >= 1, a (B,) tensor on t's device. Summed over the T steps with the model's errors, it is -log p(x0)
+    up to the first and last steps' terms, which do not depend on the condition."""
+    t = torch.as_tensor(t).long()
+    if (t < 1).any():
+        raise ValueError("elbo_weight: timesteps start at 1 (the step from t = 0 is the decoder's term)")
+    return 0.5 * (snr(t - 1, schedule, dtype) - snr(t, schedule, dtype))
+
+
 def min_snr_weight(t, schedule, gamma=5.0, prediction_type=None, dtype=torch.float32):
     """Min-SNR-gamma loss weight (Hang et al. 2023): the MSE on the target, times this, is min(SNR, gamma) * |dx0|^2."""
     prediction_type = prediction_type or schedule.prediction_type

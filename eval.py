@@ -74,14 +74,18 @@ def first_sentence(text):
 # ---------------------------------------------------------------------------------------------------------------
 # generation: model in, raw outputs out (captions as text, frames as uint8 (S, S, 3))
 
+def caption_prompt(model, tok, stories):
+    """The caption prompt `<s><BoI><image>*K` (ids) and how many tokens to let the model write after it: room for
+    the longest true caption and then some (the model is never told where to stop)."""
+    prompt = [tok.bos_id] + tok.image_tokens(model.cfg.num_image_tokens)
+    need = max(len(tok.encode(s.sentences[0], bos=False)) for s in stories) + 8
+    return prompt, min(need, model.cfg.llm.max_seq_len - len(prompt))
+
+
 def caption_task(model, tok, stories, args):
     """Greedy caption of each story's first frame -> the first generated sentence per story."""
-    k, size = model.cfg.num_image_tokens, model.cfg.image_size
-    prompt = [tok.bos_id] + tok.image_tokens(k)
-    # room for the longest true caption and then some; the model is never told where to stop
-    need = max(len(tok.encode(s.sentences[0], bos=False)) for s in stories) + 8
-    max_new = min(need, model.cfg.llm.max_seq_len - len(prompt))
-    dev = next(model.parameters()).device
+    size, dev = model.cfg.image_size, next(model.parameters()).device
+    prompt, max_new = caption_prompt(model, tok, stories)
     out = []
     for part in chunks(stories, args.batch_size):
         tokens = torch.tensor([prompt] * len(part), device=dev)                              # (B, 2 + K)
@@ -92,6 +96,70 @@ def caption_task(model, tok, stories, args):
             out.append(first_sentence(tok.decode(ids)))
         log(f"  captions {len(out)}/{len(stories)}")
     return out
+
+
+CHECK_LEVELS, CHECK_DRAWS = 10, 2  # --caption-rerank: timesteps spread over the schedule, noise draws at each
+
+
+def caption_candidates(model, tok, stories, args, greedy):
+    """Per first frame, the greedy caption and then the distinct non-empty first sentences of --caption-rerank N
+    samples at temperature 1 (seeded from --seed) -> a list of candidate captions per story, the greedy one first."""
+    size, dev = model.cfg.image_size, next(model.parameters()).device
+    prompt, max_new = caption_prompt(model, tok, stories)
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    cands = [[g] for g in greedy]
+    for part in chunks(list(range(len(stories))), args.batch_size):
+        images = torch.stack([data.image_tensor(stories[i].images[0], size) for i in part]).to(dev)  # (B, 3, S, S)
+        tokens = torch.tensor([prompt] * len(part), device=dev)
+        for _ in range(args.caption_rerank):
+            for i, ids in zip(part, model.generate_text(tokens, images, max_new_tokens=max_new, temperature=1.0,
+                                                        generator=gen)):
+                text = first_sentence(tok.decode(ids[:-1] if ids and ids[-1] in (tok.eos_id, tok.boi_id) else ids))
+                if text and text not in cands[i]:
+                    cands[i].append(text)
+    return cands
+
+
+def check_captions(model, tok, stories, cands, args):
+    """Two readings of each candidate caption c of each first frame x: log p(c | x), the LLM reading the frame, and
+    -log p(x | c) in nats up to a constant, the UNet drawing it back (model.drawing_nll: CHECK_LEVELS timesteps
+    spread evenly, CHECK_DRAWS noise draws at each, the same noise for every candidate of a frame)
+    -> (read, drawn), lists of lists of floats shaped as cands; an empty caption reads as -inf."""
+    size, dev = model.cfg.image_size, next(model.parameters()).device
+    T = model.cfg.schedule.num_train_timesteps
+    levels = torch.tensor([round((j + 0.5) * T / CHECK_LEVELS) for j in range(CHECK_LEVELS)] * CHECK_DRAWS)  # (L,)
+    gen = torch.Generator().manual_seed(args.seed + 4)
+    noise = torch.randn(len(stories), len(levels), *model.diffusion_shape, generator=gen)  # (n, L, C, s, s)
+    read = [[-math.inf] * len(cs) for cs in cands]
+    drawn = [[0.0] * len(cs) for cs in cands]
+    flat = [(i, j, tok.encode(c, bos=False)) for i, cs in enumerate(cands) for j, c in enumerate(cs)]
+    flat = [f for f in flat if f[2]]  # an empty caption has nothing to score
+    for part in chunks(flat, args.batch_size):
+        story, texts = [i for i, _, _ in part], [t for _, _, t in part]
+        images = torch.stack([data.image_tensor(stories[i].images[0], size) for i in story]).to(dev)  # (B, 3, S, S)
+        lp = model.caption_logprob(images, texts).tolist()                                 # (B,) log p(c | x)
+        nll = model.drawing_nll(images, texts, levels, noise[story]).tolist()              # (B,) -log p(x | c)
+        for (i, j, _), r, d in zip(part, lp, nll):
+            read[i][j], drawn[i][j] = r, d
+    return read, drawn
+
+
+def pick_captions(read, drawn, weight):
+    """Per story the index of the candidate with the highest log p(c | x) - weight · (-log p(x | c)): the product of
+    the two experts p(c | x) · p(x | c)^weight (ties: the earlier candidate, so the greedy caption first)."""
+    return [max(range(len(r)), key=lambda j: r[j] - weight * d[j]) for r, d in zip(read, drawn)]
+
+
+def caption_rerank_task(model, tok, stories, args, greedy):
+    """Captions checked by drawing: per first frame the greedy caption and --caption-rerank N sampled ones, the one
+    kept by pick_captions at --caption-weight. The LLM proposes, the UNet's likelihood of the frame under each
+    proposal checks the shapes the reading gets wrong (EXPERIMENTS.md, "Captions checked by drawing").
+    -> (captions, per story the chosen candidate's index (0: greedy), per story the candidates)."""
+    cands = caption_candidates(model, tok, stories, args, greedy)
+    log(f"  {sum(map(len, cands)) / len(stories):.2f} candidates a frame")
+    best = pick_captions(*check_captions(model, tok, stories, cands, args), args.caption_weight)
+    log(f"  the greedy caption kept for {best.count(0)} of {len(stories)}")
+    return [cs[j] for cs, j in zip(cands, best)], best, cands
 
 
 def draw(model, prompts, images, args, seed, what, read_texts=None):
@@ -303,6 +371,23 @@ def evaluate(model, tok, stories, args):
         outputs[name] = task(model, tok, stories, args)
         metrics.update(score(stories, outputs[name]))
         log(f"  done in {time.time() - t0:.1f} s")
+        if name == "captions" and args.caption_rerank > 0:  # the greedy caption, N sampled ones, the best checked
+            t0 = time.time()
+            log(f"captions, best of {args.caption_rerank} samples and the greedy one, checked by drawing:")
+            outputs["captions_best"], chosen, cands = caption_rerank_task(model, tok, stories, args,
+                                                                          outputs["captions"])
+            best = score_captions(stories, outputs["captions_best"])
+            metrics.update({k.replace("caption_", "caption_best_"): v for k, v in best.items()})
+            greedy = metrics["caption_objects"]  # the same stories and objects: the gain, paired story by story
+            metrics["caption_best_gain"] = ratio(best["caption_objects"].num - greedy.num, greedy.den)
+            metrics["caption_best_greedy_kept"] = rate([j == 0 for j in chosen])
+            metrics["caption_best_candidates"] = ratio([len(c) for c in cands], [1] * len(cands))
+            # the candidate that names the most objects right: what a perfect ranker of these could reach (a bound
+            # that reads the answer, as t2i_best_bound)
+            right = [max(data.score_caption(c, s.sentences[0])["n_correct"] for c in cs)
+                     for s, cs in zip(stories, cands)]
+            metrics["caption_best_bound"] = ratio(right, greedy.den)
+            log(f"  done in {time.time() - t0:.1f} s")
         if name == "t2i" and args.rerank > 1:  # the same drawings, then K - 1 more, the best by the model's reading
             t0 = time.time()
             log(f"text-to-image, best of {args.rerank}:")
@@ -338,6 +423,15 @@ ROWS = [  # (key, label, as a percentage?)
     ("caption_colour", "caption: colour right (by place)", True),
     ("caption_shape", "caption: shape right (by place)", True),
     ("caption_size", "caption: size right (by place)", True),
+    ("caption_best_exact", "caption, checked by drawing: exact sentence", True),
+    ("caption_best_objects", "caption, checked by drawing: objects right", True),
+    ("caption_best_colour", "caption, checked by drawing: colour right", True),
+    ("caption_best_shape", "caption, checked by drawing: shape right", True),
+    ("caption_best_size", "caption, checked by drawing: size right", True),
+    ("caption_best_gain", "caption, checked by drawing: objects right, gain", True),
+    ("caption_best_greedy_kept", "caption, checked by drawing: the greedy one kept", True),
+    ("caption_best_candidates", "caption, checked by drawing: candidates / frame", False),
+    ("caption_best_bound", "caption, checked by drawing: best candidate (a bound)", True),
     ("t2i_objects", "text->image: objects found (colour, shape)", True),
     ("t2i_exact", "text->image: objects exact (+ size, place)", True),
     ("t2i_extra", "text->image: extra objects / frame", False),
@@ -464,7 +558,8 @@ def save_images(directory, stories, results, max_rows=12):
     outs = [r["outputs"] for r in results]
     ss = list(enumerate(stories))[:max_rows]
     save_grid(directory / "captions.png", [([s.images[0]], [f"true: {s.sentences[0]}"] + [
-        f"[{j}]:  {o['captions'][i]}" for j, o in enumerate(outs)]) for i, s in ss])
+        f"[{j}]:  {o['captions'][i]}" for j, o in enumerate(outs)] + [
+        f"[{j}] checked:  {o['captions_best'][i]}" for j, o in enumerate(outs) if "captions_best" in o]) for i, s in ss])
     save_grid(directory / "t2i.png", [([s.images[0]] + [o["t2i"][i] for o in outs] +  # then each best of --rerank
                                        [o["t2i_best"][i] for o in outs if "t2i_best" in o] +
                                        [o["t2i_read"][i] for o in outs if "t2i_read" in o], [s.sentences[0]])
@@ -495,6 +590,11 @@ def parse_args(argv=None):
     g.add_argument("--read-window", default="300,900", metavar="LO,HI",
                    help="timesteps (of the training schedule's) where reading guidance acts")
     g.add_argument("--read-iters", type=int, default=4, metavar="N", help="reading-guidance steps per sampling step")
+    g.add_argument("--caption-rerank", type=int, default=0, metavar="N", help="also sample N captions of each "
+                   "frame and keep, of them and the greedy one, the likeliest read (LLM) and drawn back (UNet) "
+                   "(rows 'checked by drawing'; 0: off)")
+    g.add_argument("--caption-weight", type=float, default=1.0, metavar="W", help="--caption-rerank's score: "
+                   "log p(caption | frame) + W x log p(frame | caption), the UNet's ELBO in nats")
     g.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     g = ap.add_argument_group("output")
@@ -503,6 +603,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.n < 1 or args.steps < 1 or args.batch_size < 1 or args.rerank < 1:
         ap.error("--n, --steps, --rerank and --batch-size must be >= 1")
+    if args.caption_rerank < 0 or not 0 <= args.caption_weight < math.inf:
+        ap.error("--caption-rerank and --caption-weight must be >= 0 (and the weight finite)")
     try:
         args.read_window = parse_window(args.read_window)
         check_reading(args.read_guidance, args.read_window, args.read_iters)
@@ -531,6 +633,9 @@ def main(argv=None):
         del model  # one model in memory at a time
     print(table(results))
     settings = {k: getattr(args, k) for k in ("n", "seed", "steps", "guidance", "sampler", "rerank", "batch_size")}
+    if args.caption_rerank > 0:
+        settings.update(caption_rerank=args.caption_rerank, caption_weight=args.caption_weight,
+                        caption_check={"levels": CHECK_LEVELS, "draws": CHECK_DRAWS, "temperature": 1.0})
     if args.read_guidance > 0:
         settings.update(read_guidance=args.read_guidance, read_window=list(args.read_window),
                         read_iters=args.read_iters)

@@ -529,6 +529,12 @@ class MMInterleaved(nn.Module):
         with torch.no_grad():
             return self.vae.encode_latents(x.to(next(self.vae.parameters()).dtype)).to(images.dtype)
 
+    @property
+    def diffusion_shape(self):
+        """(C, s, s) of one image where the UNet works: the pixels, or VAE latents at 1/8 of the side."""
+        side = self.cfg.image_size // (8 if self.vae is not None else 1)
+        return (self.cfg.unet.in_channels, side, side)
+
     def from_diffusion_space(self, x):
         if self.vae is None:
             return ((x + 1) / 2).clamp(0, 1)
@@ -748,8 +754,7 @@ class MMInterleaved(nn.Module):
                         x0 = self.reading_step(x0, read_texts, read_scale)
                 return x0
         cond, unet_kw = self.prompt_conditions(prompts, images)
-        side = c.image_size // (8 if self.vae is not None else 1)
-        shape = (len(prompts), c.unet.in_channels, side, side)
+        shape = (len(prompts), *self.diffusion_shape)
         if guidance == 1:
             model_fn = lambda x, t: self.unet_forward(x, t, cond, **unet_kw)  # noqa: E731
         else:
@@ -812,6 +817,33 @@ class MMInterleaved(nn.Module):
         """Text id lists -> caption documents `<s><BoI><image>*K text`, one per text."""
         ids, k = self.cfg.ids, self.cfg.num_image_tokens
         return [[ids["bos"], ids["boi"]] + [ids["image"]] * k + list(t) for t in texts]
+
+    @torch.no_grad()
+    def drawing_nll(self, images, texts, timesteps, noise):
+        """How well a text explains an image to the UNet: images (B, 3, S, S) in [0, 1], texts id lists (the
+        condition of `<s> text <BoI>`, as in text-to-image), timesteps (L,) long in [1, T), noise (B, L, C, s, s) in
+        diffusion space -> (B,) float64, an estimate of -log p(image | text) in nats, up to a constant that is the
+        same for every text: the diffusion ELBO, T · mean over the L draws of 1/2 (SNR(t-1) - SNR(t)) ·
+        ||x0 - x0_hat(x_t)||^2 (diffusion.elbo_weight; the sum over the image's elements, of the VAE's latents
+        where there is a VAE).
+
+        Comparing texts by it is a "diffusion classifier" (Li et al. 2023); give the texts of one image the same
+        noise, so that they differ by their words alone. Spread the timesteps over the schedule: the weight grows
+        fast toward t = 0, where the error barely depends on the text."""
+        ids, sched = self.cfg.ids, self.cfg.schedule
+        prompts = [[ids["bos"]] + list(t) + [ids["boi"]] for t in texts]
+        cond, kw = self.prompt_conditions(prompts, [images.new_zeros(0, *images.shape[1:])] * len(texts))
+        x0 = self.to_diffusion_space(images.to(cond.device)).to(cond.dtype)               # (B, C, s, s)
+        noise, a = noise.to(x0), sched.alphas_cumprod
+        terms = []
+        for i, t in enumerate(timesteps.tolist()):
+            tt = torch.full((len(x0),), t, device=x0.device)
+            xt = diffusion.q_sample(x0, tt, noise[:, i], sched)
+            out = self.unet_forward(xt, tt, cond, **kw)
+            x0_hat, _ = diffusion.predict_x0_eps(out.double(), xt.double(), float(a[t]), sched.prediction_type)
+            sq = (x0.double() - x0_hat).pow(2).flatten(1).sum(1)                           # (B,)
+            terms.append(diffusion.elbo_weight(tt, sched).to(sq.device) * sq)
+        return sched.num_train_timesteps * torch.stack(terms, 1).mean(1)
 
     # ---------------------------------------------------------------------------------------------- checkpoints
 

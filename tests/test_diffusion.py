@@ -189,6 +189,22 @@ def test_min_snr_weight(prediction_type):
     assert torch.isfinite(w).all() and (w > 0).all()
 
 
+@pytest.mark.parametrize("schedule", [D.Schedule(), D.PRESETS["small"]])
+def test_elbo_weight_is_the_kl_of_the_reverse_step(schedule):
+    """The ELBO's step-t term, KL(q(x_{t-1} | x_t, x0) || q(x_{t-1} | x_t, x0_hat)) with the posterior's variance
+    (DDPM eq. 6-7), is |mu(x0) - mu(x0_hat)|^2 / (2 beta~_t) = elbo_weight(t) · |x0 - x0_hat|^2, mu's x0 coefficient
+    being sqrt(a_{t-1}) beta_t / (1 - a_t): checked in float64 from the betas; t = 0 has no such term."""
+    t = torch.tensor([1, 2, 50, 400, 999])
+    betas = torch.as_tensor(schedule.betas, dtype=F64)
+    a = torch.cumprod(1 - betas, 0)
+    coef = a[t - 1].sqrt() * betas[t] / (1 - a[t])
+    var = (1 - a[t - 1]) / (1 - a[t]) * betas[t]
+    assert_close(D.elbo_weight(t, schedule), coef ** 2 / (2 * var), rtol=1e-9, atol=0)
+    assert (D.elbo_weight(t, schedule) > 0).all()
+    with pytest.raises(ValueError, match="start at 1"):
+        D.elbo_weight(torch.tensor([0, 5]), schedule)
+
+
 def test_sample_timesteps():
     s = D.Schedule()
     t1 = D.sample_timesteps(4096, s, torch.Generator().manual_seed(3))

@@ -31,11 +31,14 @@ KEYS = set(FRACTIONS) | set(GAPS) | {"t2i_extra", "t2i_objects_other", "unmoved_
 BEST_FRACTIONS = ["t2i_best_objects", "t2i_best_exact", "t2i_best_plain_kept", "t2i_best_bound"]  # --rerank K > 1
 BEST = set(BEST_FRACTIONS) | {"t2i_best_extra", "t2i_best_gain"}
 READ = {"t2i_read_objects", "t2i_read_exact", "t2i_read_extra", "t2i_read_gain"}  # --read-guidance S > 0
+CHECK_FRACTIONS = ["caption_best_exact", "caption_best_objects", "caption_best_colour", "caption_best_shape",
+                   "caption_best_size", "caption_best_greedy_kept", "caption_best_bound"]  # --caption-rerank N > 0
+CHECK = set(CHECK_FRACTIONS) | {"caption_best_gain", "caption_best_candidates"}
 
 
 def _args(**kw):
     base = dict(seed=0, steps=1, guidance=3.0, sampler="ddim", batch_size=32, rerank=1, read_guidance=0.0,
-                read_window=(300, 900), read_iters=4)
+                read_window=(300, 900), read_iters=4, caption_rerank=0, caption_weight=1.0)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -189,6 +192,53 @@ def test_rerank_keeps_the_drawing_the_model_captions_likeliest(loaded):
     assert all(np.array_equal(frames[i], cands[j][i]) for i, j in enumerate(best))
 
 
+@pytest.mark.parametrize("weight", [0.0, 1.0, 1e9])
+def test_caption_rerank_keeps_the_caption_read_and_drawn_likeliest(loaded, monkeypatch, weight):
+    """--caption-rerank N: candidate 0 is the greedy caption, then the distinct non-empty sampled first sentences;
+    every candidate of a frame is drawn back with that frame's noise (another frame gets other noise); each story
+    keeps the candidate with the highest log p(caption | frame) - weight × drawing_nll (at 0 the LLM's pick, at 1e9
+    the UNet's). Seeded: the same call gives the same captions."""
+    model, tok = loaded
+    stories, args = _stories(3), _args(batch_size=3, caption_rerank=2, caption_weight=weight)
+    greedy = ev.caption_task(model, tok, stories, args)
+    seen = []  # (frame, text, noise, nll) of every candidate drawn back, in order
+    real = model.drawing_nll
+
+    def spy(images, texts, levels, noise):
+        nll = real(images, texts, levels, noise)
+        seen.extend(zip(images, map(tuple, texts), noise, nll.tolist()))
+        assert levels.tolist() == [50 + 100 * j for j in range(10)] * 2  # the tiny schedule has 1000 steps
+        return nll
+    monkeypatch.setattr(model, "drawing_nll", spy)
+    caps, best, cands = ev.caption_rerank_task(model, tok, stories, args, greedy)
+    assert [c[0] for c in cands] == greedy and all(len(set(c)) == len(c) for c in cands)
+    assert sum(map(len, cands)) > len(stories)  # temperature 1 proposes other sentences
+    assert caps == [cs[j] for cs, j in zip(cands, best)]
+    assert len(seen) == sum(len(cs) for cs in cands)  # the tiny model's sentences are never empty
+    it, noise0 = iter(seen), []
+    for s, cs, j in zip(stories, cands, best):
+        frame = data.image_tensor(s.images[0], 32)
+        rows = [next(it) for _ in cs]
+        assert all(torch.equal(im, frame) and torch.equal(nz, rows[0][2]) for im, _, nz, _ in rows)
+        assert [list(t) for _, t, _, _ in rows] == [tok.encode(c, bos=False) for c in cs]
+        noise0.append(rows[0][2])
+        read = model.caption_logprob(frame[None].expand(len(cs), -1, -1, -1), [list(t) for _, t, _, _ in rows])
+        score = read.double() - weight * torch.tensor([nll for *_, nll in rows], dtype=torch.float64)
+        assert j == int(score.argmax()), (score, j)
+    assert not torch.equal(noise0[0], noise0[1])
+    if weight == 1.0:
+        assert ev.caption_rerank_task(model, tok, stories, args, greedy)[0] == caps
+
+
+@pytest.mark.parametrize("flags", [["--caption-rerank", "-1"], ["--caption-weight", "-1"],
+                                   ["--caption-weight", "nan"], ["--caption-weight", "inf"]])
+def test_bad_caption_rerank_flags_are_refused_in_one_line(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "--caption-rerank and --caption-weight must be >= 0" in err[-1]
+
+
 def test_read_guided_t2i_is_the_plain_task_steered_toward_its_own_sentence(loaded):
     """t2i_task(read=True): the same prompts and noise as the plain task, drawn under reading guidance toward each
     story's scene sentence (the ids between <s> and <BoI>); with a window no step falls in, the plain frames."""
@@ -234,21 +284,27 @@ def test_cli_compare_writes_json_and_images(tiny_checkpoint, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, ckpt)  # the default --out lands inside the checkpoint directory
     ev.main(["--checkpoint", str(ckpt), "--compare", str(ckpt), "--n", "4", "--steps", "2", "--batch-size", "4",
-             "--device", "cpu", "--rerank", "2", "--read-guidance", "0.3", "--read-iters", "1", "--save-images",
-             str(tmp_path / "img")])
+             "--device", "cpu", "--rerank", "2", "--read-guidance", "0.3", "--read-iters", "1", "--caption-rerank",
+             "2", "--save-images", str(tmp_path / "img")])
     report = json.loads((ckpt / "eval.json").read_text())
     assert report["settings"] == {"n": 4, "seed": 0, "steps": 2, "guidance": 3.0, "sampler": "ddim", "rerank": 2,
-                                  "batch_size": 4, "read_guidance": 0.3, "read_window": [300, 900], "read_iters": 1}
+                                  "batch_size": 4, "read_guidance": 0.3, "read_window": [300, 900], "read_iters": 1,
+                                  "caption_rerank": 2, "caption_weight": 1.0,
+                                  "caption_check": {"levels": 10, "draws": 2, "temperature": 1.0}}
     a, b = report["results"]
     assert a["checkpoint"] == b["checkpoint"] == str(ckpt)
-    assert set(a["metrics"]) == KEYS | BEST | READ
+    assert set(a["metrics"]) == KEYS | BEST | READ | CHECK
     assert a["metrics"] == b["metrics"]  # same checkpoint, same seed: fresh loads and generators agree
-    for k in FRACTIONS + BEST_FRACTIONS + ["t2i_read_objects", "t2i_read_exact"]:
+    for k in FRACTIONS + BEST_FRACTIONS + CHECK_FRACTIONS + ["t2i_read_objects", "t2i_read_exact"]:
         v = a["metrics"][k]
         assert v is None or (math.isfinite(v) and 0 <= v <= 1), (k, v)
     m = a["metrics"]  # the gain is the best-of-K rate minus the plain one, over the same objects
     assert m["t2i_best_gain"] == pytest.approx(m["t2i_best_objects"] - m["t2i_objects"], abs=1e-12)
     assert m["t2i_read_gain"] == pytest.approx(m["t2i_read_objects"] - m["t2i_objects"], abs=1e-12)
+    assert m["caption_best_gain"] == pytest.approx(m["caption_best_objects"] - m["caption_objects"], abs=1e-12)
+    # the best candidate names at least as many objects right as the pick and the greedy caption, story by story
+    assert m["caption_best_bound"] >= max(m["caption_best_objects"], m["caption_objects"]) - 1e-12
+    assert 1 <= m["caption_best_candidates"] <= 3
     # the detector's pick finds at least what the model's pick and the plain drawing find, story by story
     assert m["t2i_best_bound"] >= max(m["t2i_best_objects"], m["t2i_objects"]) - 1e-12
     for k in ("t2i_extra", "cont_extra", "unmoved_median_px", "moved_median_px", "unmoved_found_px", "moved_found_px",
@@ -256,7 +312,7 @@ def test_cli_compare_writes_json_and_images(tiny_checkpoint, tmp_path, capsys):
         v = a["metrics"][k]
         assert v is None or (math.isfinite(v) and v >= 0), (k, v)
     assert a["metrics"]["unmoved_count"] + a["metrics"]["moved_count"] > 0
-    assert set(a["std_errors"]) <= KEYS | BEST | READ and all(v is None or v >= 0 for v in a["std_errors"].values())
+    assert set(a["std_errors"]) <= KEYS | BEST | READ | CHECK and all(v is None or v >= 0 for v in a["std_errors"].values())
     assert set(report["difference"]) == set(a["std_errors"])  # same checkpoint twice: no difference, no error
     assert all(d == {"value": 0.0, "std_error": 0.0} for d in report["difference"].values()), report["difference"]
     header, *rows = capsys.readouterr().out.strip().splitlines()

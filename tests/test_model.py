@@ -614,6 +614,43 @@ def test_reading_guidance_acts_in_its_window_only(net):
             draw(**{"read_texts": texts, **bad})
 
 
+def test_drawing_nll_is_the_elbo_of_the_image_under_the_text_alone(net):
+    """drawing_nll: per image T × the mean over its (timestep, noise) draws of 1/2 (SNR(t-1) - SNR(t)) times the
+    summed squared error of the UNet's x0 estimate, conditioned on `<s> text <BoI>` with no earlier image; written
+    out here in float64 from prompt_conditions and the v-prediction identity x0 = sqrt(a) x_t - sqrt(1 - a) v. The
+    same text and noise give the same value in any batch; another text gives another (the condition reaches the
+    UNet)."""
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(3, 3, 32, 32, generator=g)
+    texts = [[10, 11, 12], [13, 14], [10, 11, 12]]
+    ts = torch.tensor([50, 450, 950, 450])
+    noise = torch.randn(3, len(ts), *net.diffusion_shape, generator=g)                   # (B, L, C, s, s)
+    assert net.diffusion_shape == (3, 32, 32)  # the tiny preset diffuses in pixel space
+    sched = net.cfg.schedule
+    assert sched.prediction_type == "v_prediction"
+    a = torch.as_tensor(sched.alphas_cumprod, dtype=torch.float64)
+    got = net.drawing_nll(images, texts, ts, noise)
+    assert got.shape == (3,) and got.dtype == torch.float64 and torch.isfinite(got).all() and (got > 0).all()
+    for b in range(3):
+        cond, kw = net.prompt_conditions([[BOS] + texts[b] + [BOI]], [torch.zeros(0, 3, 32, 32)])
+        x0 = (images[b:b + 1] * 2 - 1).double()
+        terms = []
+        for i, t in enumerate(ts.tolist()):
+            xt = a[t].sqrt() * x0 + (1 - a[t]).sqrt() * noise[b:b + 1, i].double()
+            with torch.no_grad():
+                v = net.unet_forward(xt.float(), torch.tensor([t]), cond, **kw).double()
+            x0_hat = a[t].sqrt() * xt - (1 - a[t]).sqrt() * v
+            snr = a / (1 - a)
+            terms.append(0.5 * (snr[t - 1] - snr[t]) * (x0 - x0_hat).pow(2).sum())
+        want = 1000 * torch.stack(terms).mean()
+        assert abs(got[b].item() - want.item()) < 1e-4 * want.item(), (b, got[b].item(), want.item())
+    # one image with both texts and the same noise: the words alone move the value
+    pair = net.drawing_nll(images[:1].expand(2, -1, -1, -1), texts[:2], ts, noise[:1].expand(2, -1, -1, -1, -1))
+    assert pair[0].item() == pytest.approx(got[0].item(), rel=1e-5) and pair[0] != pair[1]
+    with pytest.raises(ValueError, match="start at 1"):
+        net.drawing_nll(images, texts, torch.tensor([0, 450]), noise[:, :2])
+
+
 def test_text_logprob_is_the_teacher_forced_sum_and_ignores_padding(net):
     """log p of each row's last `scored` tokens: the log-softmax of the logits at the positions before them, summed
     (float64 by hand on the row alone); in a batch with a longer row (right padding) the same, in float32."""
