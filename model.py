@@ -518,8 +518,9 @@ class MMInterleaved(nn.Module):
         feats = [(lv[prev.clamp(min=0)] * has[:, None, None, None].to(lv.dtype))[:, None] for lv in levels]
         return feats, has[:, None].to(levels[0].dtype)
 
-    def to_diffusion_space(self, images):
-        """[0, 1] images -> what the UNet denoises: [-1, 1] pixels, or VAE latents (posterior sample · 0.18215)."""
+    def to_diffusion_space(self, images, sample=True):
+        """[0, 1] images -> what the UNet denoises: [-1, 1] pixels, or VAE latents (posterior sample · 0.18215, or
+        with sample=False the posterior mean · 0.18215: the same latents on every call)."""
         size = self.cfg.image_size
         if images.shape[-1] != size or images.shape[-2] != size:
             images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
@@ -527,12 +528,14 @@ class MMInterleaved(nn.Module):
         if self.vae is None:
             return x
         with torch.no_grad():
-            return self.vae.encode_latents(x.to(next(self.vae.parameters()).dtype)).to(images.dtype)
+            return self.vae.encode_latents(x.to(next(self.vae.parameters()).dtype), sample=sample).to(images.dtype)
 
     @property
     def diffusion_shape(self):
-        """(C, s, s) of one image where the UNet works: the pixels, or VAE latents at 1/8 of the side."""
-        side = self.cfg.image_size // (8 if self.vae is not None else 1)
+        """(C, s, s) of one image where the UNet works: the pixels, or the VAE's latents (every encoder block but the
+        last halves the side: 1/8 of it in SD)."""
+        down = 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        side = self.cfg.image_size // down
         return (self.cfg.unet.in_channels, side, side)
 
     def from_diffusion_space(self, x):
@@ -833,7 +836,8 @@ class MMInterleaved(nn.Module):
         ids, sched = self.cfg.ids, self.cfg.schedule
         prompts = [[ids["bos"]] + list(t) + [ids["boi"]] for t in texts]
         cond, kw = self.prompt_conditions(prompts, [images.new_zeros(0, *images.shape[1:])] * len(texts))
-        x0 = self.to_diffusion_space(images.to(cond.device)).to(cond.dtype)               # (B, C, s, s)
+        # the posterior mean where there is a VAE: a frame's texts must see the same x0, not one sample each
+        x0 = self.to_diffusion_space(images.to(cond.device), sample=False).to(cond.dtype)  # (B, C, s, s)
         noise, a = noise.to(x0), sched.alphas_cumprod
         terms = []
         for i, t in enumerate(timesteps.tolist()):

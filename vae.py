@@ -93,9 +93,12 @@ class VAE(nn.Module):
                              f"(config.latent_channels), got {tuple(z.shape)}")
         return self.decoder(self.post_quant_conv(z) if self.post_quant_conv is not None else z)
 
-    def encode_latents(self, x, generator=None):
-        """Pixels in [-1, 1] -> a posterior sample times scaling_factor: what the diffusion model sees (ref. §5.2)."""
+    def encode_latents(self, x, generator=None, sample=True):
+        """Pixels in [-1, 1] -> a posterior sample times scaling_factor: what the diffusion model sees (ref. §5.2);
+        with sample=False the posterior mean times scaling_factor (deterministic)."""
         mean, logvar = self.encode(x)
+        if not sample:
+            return mean * self.config.scaling_factor
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return (mean + (0.5 * logvar).exp() * noise) * self.config.scaling_factor
 

@@ -101,6 +101,25 @@ def test_config_comes_from_the_checkpoints(assembled):
     assert (c.bos_id, c.eos_id, c.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
 
 
+def test_the_latent_path_draws_and_reads_at_the_vae_s_size(assembled):
+    """With a VAE, the UNet works on latents at the VAE's scale (here one halving: 16 px -> 8 x 8, not SD's 1/8):
+    generate_images draws there and decodes to image_size; drawing_nll reads the posterior mean, so one frame's
+    texts see the same latents (the same value in any row and on any call)."""
+    net, tok = assembled
+    net.eval()
+    frames = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    assert net.diffusion_shape == (4, 8, 8) == tuple(net.to_diffusion_space(frames).shape[1:])
+    texts = [tok.encode("there is a red circle at the top.", bos=False)] * 2
+    out = net.generate_images([[tok.bos_id] + texts[0] + [tok.boi_id]], [torch.zeros(0, 3, 16, 16)], steps=2,
+                              generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
+    noise = torch.randn(1, 3, *net.diffusion_shape, generator=torch.Generator().manual_seed(4)).expand(2, -1, -1, -1, -1)
+    levels = torch.tensor([100, 500, 900])
+    nll = net.drawing_nll(frames[:1].expand(2, -1, -1, -1), texts, levels, noise)
+    assert torch.isfinite(nll).all() and nll[0] == nll[1]
+    assert torch.equal(nll, net.drawing_nll(frames[:1].expand(2, -1, -1, -1), texts, levels, noise))
+
+
 def test_freezing_follows_the_authors(assembled):
     net, _ = assembled
     trained = {n for n, p in net.named_parameters() if p.requires_grad}

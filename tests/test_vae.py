@@ -55,6 +55,10 @@ def test_scaling_factor_from_config(saved):
         sample = ours64.encode_latents(x64, torch.Generator().manual_seed(0))
         want = ref.encode(x64).latent_dist.sample(generator=torch.Generator().manual_seed(0)) * 0.25
         torch.testing.assert_close(sample, want, rtol=0, atol=1e-10)
+        # sample=False: the posterior mean, the same on every call (what drawing_nll compares texts on)
+        mean = ours64.encode_latents(x64, sample=False)
+        torch.testing.assert_close(mean, ref.encode(x64).latent_dist.mean * 0.25, rtol=0, atol=1e-10)
+        assert torch.equal(mean, ours64.encode_latents(x64, sample=False)) and not torch.equal(mean, sample)
 
 
 @pytest.mark.parametrize("name", PRESETS)
