@@ -2,7 +2,12 @@
 its CUDA path was added, and nothing noticed until it was next run. probe_features.py's fit and sampling are checked
 against what they claim to compute, and its --parts maps are laid out as the image is;
 probe_caption_paths.py's switches remove exactly the MMFS blocks, its weight shares are shares, and its pins move
-one block's points at the given states only."""
+one block's points at the given states only. probe_caption_check.py runs end to end and no pick beats its bound."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -180,3 +185,18 @@ def test_pinned_moves_one_blocks_points_at_the_given_states_only(tiny_checkpoint
     reads, count = shape_reads(net, tok, stories)
     assert count >= len(found) and set(reads) == {"as trained", "on the object", "on another object"}
     assert all(0 <= r <= 1 for r in reads.values())
+
+
+def test_probe_caption_check_prints_a_row_per_weight_under_its_bound(tiny_checkpoint):
+    """probe_caption_check.py end to end on the tiny checkpoint: one row per weight, then the greedy caption and the
+    bound; no pick of the same candidates names more objects right than the bound, and a bad weight is refused."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "probe_caption_check.py"
+    r = subprocess.run([sys.executable, str(script), "--checkpoint", str(tiny_checkpoint), "--n", "3", "--samples",
+                        "2", "--levels", "2", "--draws", "1", "--weights", "0,1,inf"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {m[0]: float(m[1]) for m in re.findall(r"^\s*(\S+)\s+([\d.]+)%", r.stdout, re.M)}
+    assert set(rows) == {"0", "1", "inf", "greedy", "bound"}, r.stdout
+    assert all(v <= rows["bound"] for v in rows.values())
+    bad = subprocess.run([sys.executable, str(script), "--weights", "1,x"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--weights '1,x'" in bad.stderr
