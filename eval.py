@@ -7,7 +7,10 @@
 Read top-down: the three tasks, each split into generation (needs the model) and scoring (pure: the deterministic
 detector and parser of data.py read the outputs back), then `evaluate`, the table / JSON / image writers, `main`.
   1. captions: `<s><BoI><image>*K` with the story's first frame -> greedy text, first sentence vs the scene sentence
-     (exact, objects right, and colour / shape / size right at each object's place);
+     (exact, objects right, and colour / shape / size right at each object's place); with --caption-rerank N also
+     the caption checked by drawing: of the greedy one and N sampled ones, the one with the highest log p(caption |
+     frame) (the LLM's reading) + log p(frame | caption) (the UNet's, its diffusion ELBO: model.py's drawing_nll;
+     rows "checked by drawing"), and the bound a perfect ranker of those candidates would reach;
   2. text-to-image: `<s>` scene sentence `<BoI>` -> a frame, the objects it names looked up by colour and shape;
      with --rerank K also the best of K frames, the one the model itself captions likeliest (the same task with a
      generate-then-rank sampler: the rows "best of --rerank", beside the plain drawing's), and the bound a perfect
