@@ -562,7 +562,8 @@ def save_images(directory, stories, results, max_rows=12):
     ss = list(enumerate(stories))[:max_rows]
     save_grid(directory / "captions.png", [([s.images[0]], [f"true: {s.sentences[0]}"] + [
         f"[{j}]:  {o['captions'][i]}" for j, o in enumerate(outs)] + [
-        f"[{j}] checked:  {o['captions_best'][i]}" for j, o in enumerate(outs) if "captions_best" in o]) for i, s in ss])
+        f"[{j}] checked:  {o['captions_best'][i]}" for j, o in enumerate(outs) if "captions_best" in o])
+        for i, s in ss])
     save_grid(directory / "t2i.png", [([s.images[0]] + [o["t2i"][i] for o in outs] +  # then each best of --rerank
                                        [o["t2i_best"][i] for o in outs if "t2i_best" in o] +
                                        [o["t2i_read"][i] for o in outs if "t2i_read" in o], [s.sentences[0]])

@@ -113,7 +113,8 @@ def test_the_latent_path_draws_and_reads_at_the_vae_s_size(assembled):
     out = net.generate_images([[tok.bos_id] + texts[0] + [tok.boi_id]], [torch.zeros(0, 3, 16, 16)], steps=2,
                               generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
-    noise = torch.randn(1, 3, *net.diffusion_shape, generator=torch.Generator().manual_seed(4)).expand(2, -1, -1, -1, -1)
+    noise = torch.randn(1, 3, *net.diffusion_shape, generator=torch.Generator().manual_seed(4))
+    noise = noise.expand(2, -1, -1, -1, -1)                                                # (2, L, C, s, s)
     levels = torch.tensor([100, 500, 900])
     nll = net.drawing_nll(frames[:1].expand(2, -1, -1, -1), texts, levels, noise)
     assert torch.isfinite(nll).all() and nll[0] == nll[1]

@@ -312,7 +312,8 @@ def test_cli_compare_writes_json_and_images(tiny_checkpoint, tmp_path, capsys):
         v = a["metrics"][k]
         assert v is None or (math.isfinite(v) and v >= 0), (k, v)
     assert a["metrics"]["unmoved_count"] + a["metrics"]["moved_count"] > 0
-    assert set(a["std_errors"]) <= KEYS | BEST | READ | CHECK and all(v is None or v >= 0 for v in a["std_errors"].values())
+    assert set(a["std_errors"]) <= KEYS | BEST | READ | CHECK
+    assert all(v is None or v >= 0 for v in a["std_errors"].values())
     assert set(report["difference"]) == set(a["std_errors"])  # same checkpoint twice: no difference, no error
     assert all(d == {"value": 0.0, "std_error": 0.0} for d in report["difference"].values()), report["difference"]
     header, *rows = capsys.readouterr().out.strip().splitlines()
