@@ -77,6 +77,13 @@ def first_sentence(text):
 # ---------------------------------------------------------------------------------------------------------------
 # generation: model in, raw outputs out (captions as text, frames as uint8 (S, S, 3))
 
+def written_sentence(tok, ids):
+    """Generated ids -> the first sentence they say, without the `</s>` or `<BoI>` that stopped them."""
+    if ids and ids[-1] in (tok.eos_id, tok.boi_id):
+        ids = ids[:-1]
+    return first_sentence(tok.decode(ids))
+
+
 def caption_prompt(model, tok, stories):
     """The caption prompt `<s><BoI><image>*K` (ids) and how many tokens to let the model write after it: room for
     the longest true caption and then some (the model is never told where to stop)."""
@@ -93,10 +100,8 @@ def caption_task(model, tok, stories, args):
     for part in chunks(stories, args.batch_size):
         tokens = torch.tensor([prompt] * len(part), device=dev)                              # (B, 2 + K)
         images = torch.stack([data.image_tensor(s.images[0], size) for s in part]).to(dev)   # (B, 3, S, S)
-        for ids in model.generate_text(tokens, images, max_new_tokens=max_new, temperature=0.0):
-            if ids and ids[-1] in (tok.eos_id, tok.boi_id):
-                ids = ids[:-1]
-            out.append(first_sentence(tok.decode(ids)))
+        out += [written_sentence(tok, ids)
+                for ids in model.generate_text(tokens, images, max_new_tokens=max_new, temperature=0.0)]
         log(f"  captions {len(out)}/{len(stories)}")
     return out
 
@@ -117,7 +122,7 @@ def caption_candidates(model, tok, stories, args, greedy):
         for _ in range(args.caption_rerank):
             for i, ids in zip(part, model.generate_text(tokens, images, max_new_tokens=max_new, temperature=1.0,
                                                         generator=gen)):
-                text = first_sentence(tok.decode(ids[:-1] if ids and ids[-1] in (tok.eos_id, tok.boi_id) else ids))
+                text = written_sentence(tok, ids)
                 if text and text not in cands[i]:
                     cands[i].append(text)
     return cands
