@@ -519,6 +519,24 @@ class Tokenizer:
                 run.append(i)
         return "".join(out) + self.sp.decode(run)
 
+    def unseen(self, text):
+        """The characters of `text` the tokenizer never saw in training, sorted (whitespace aside).
+
+        Trained with character_coverage=1 (ours, and LLaMA's for its alphabet), sentencepiece gives every character
+        of its training text a piece of its own; one without a piece reaches the model only as raw bytes
+        (byte fallback), which it never learned to read."""
+        unk = self.sp.unk_id()
+        return sorted(c for c in set(text) if not c.isspace() and self.sp.piece_to_id(c) == unk)
+
+    def fold_case(self, text):
+        """-> (text, folded, unseen): each letter never seen in training whose lower case was, lower-cased (a
+        tokenizer trained on ShapeStories, all lower case, reads "There" as bytes but "there" as a word); the
+        letters folded and the unseen characters left, each sorted. A tokenizer that knows capitals is unchanged."""
+        unseen = self.unseen(text)
+        folded = [c for c in unseen if c.lower() != c and not self.unseen(c.lower())]
+        table = {ord(c): c.lower() for c in folded}
+        return text.translate(table), folded, [c for c in unseen if c not in folded]
+
     def image_tokens(self, k):
         """One image in the sequence: `<BoI>` then K `<image>` placeholders (no end-of-image token, reference §0)."""
         return [self.boi_id] + [self.image_id] * k

@@ -5,7 +5,8 @@
 
 The prompt file is plain UTF-8 text, read top to bottom:
   - text is the story so far; line breaks and runs of spaces collapse into single spaces, as the model was trained
-    on sentences joined by spaces;
+    on sentences joined by spaces; a letter the tokenizer never saw is read in lower case where it saw that (a
+    ShapeStories model knows no capitals), and a note on stderr names it;
   - `![optional alt](path/to/image.png)` gives an image (the path is relative to the prompt file; any format Pillow
     reads, taken as RGB, centre-cropped and resized to the model's image size), on a line of its own or inside one;
   - a line holding only `<image>` asks the model to draw an image at that point, from everything before it.
@@ -216,6 +217,26 @@ def check_prompt(pieces, encoded, cfg, args):
                          f"{cfg.llm.max_seq_len}")
 
 
+def fold_prompt(pieces, tok, where):
+    """Text pieces with each letter the tokenizer never saw lower-cased where it saw the lower case (Tokenizer.
+    fold_case: a ShapeStories model reads "There" as raw bytes); a note on stderr names the letters folded and the
+    characters left that the model reads as raw bytes. The story shows the text as the model read it."""
+    out, folded, unseen = [], set(), set()
+    for kind, value, n in pieces:
+        if kind == "text":
+            value, f, u = tok.fold_case(value)
+            folded.update(f)
+            unseen.update(u)
+        out.append((kind, value, n))
+    if folded:
+        print(f"sample.py: note: {where}: lower-cased {' '.join(sorted(folded))} (the tokenizer saw only their "
+              "lower case)", file=sys.stderr)
+    if unseen:
+        print(f"sample.py: note: {where}: the tokenizer never saw {' '.join(sorted(unseen))}; the model reads them "
+              "as raw bytes", file=sys.stderr)
+    return out
+
+
 def run(args):
     check_args(args)
     pieces = read_prompt(args.prompt)
@@ -223,6 +244,7 @@ def run(args):
         raise ValueError(f"{args.checkpoint}: checkpoint directory not found (train one with python train.py --small)")
     model, tok = model_lib.MMInterleaved.from_checkpoint(args.checkpoint, device=args.device)
     cfg = model.cfg
+    pieces = fold_prompt(pieces, tok, args.prompt)
     K, S, max_len, max_imgs = cfg.num_image_tokens, cfg.image_size, cfg.llm.max_seq_len, cfg.llm.max_images - 1
     encoded = [tok.encode(v, bos=False) if kind == "text" else None for kind, v, _ in pieces]
     check_prompt(pieces, encoded, cfg, args)

@@ -359,6 +359,31 @@ def test_tokenizer_round_trip(tok, parts):
     assert tok.decode(ids) == text
 
 
+def byte_pieces(tok, text):
+    """The characters of text that encode into byte-fallback pieces (`<0x..>`)."""
+    return sorted(c for c in set(text) if not c.isspace()
+                  and any(tok.sp.id_to_piece(i).startswith("<0x") for i in tok.sp.encode(c)))
+
+
+def test_fold_case_lowers_only_letters_the_tokenizer_never_saw(tok, tmp_path):
+    text = "The Red CIRCLE moves Left!  Ÿ"
+    assert tok.unseen(text) == byte_pieces(tok, text) == ["!", "C", "E", "I", "L", "R", "T", "Ÿ"]
+    folded, lowered, unseen = tok.fold_case(text)
+    assert folded == "the red circle moves left!  Ÿ"  # ÿ was never seen either, so Ÿ stays
+    assert lowered == ["C", "E", "I", "L", "R", "T"] and unseen == ["!", "Ÿ"] == byte_pieces(tok, folded)
+    assert tok.fold_case("a red circle.") == ("a red circle.", [], [])
+    capitals = Tokenizer.train(["The Red circle moves.", "the red square."] * 50, tmp_path / "cap", 300)
+    assert capitals.fold_case("The Red circle") == ("The Red circle", [], [])  # it knows T and R: nothing folds
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.text(st.characters(blacklist_categories=("Cs",)), max_size=20))
+def test_fold_case_changes_only_the_folded_letters(tok, text):
+    folded, lowered, unseen = tok.fold_case(text)
+    assert folded == "".join(c.lower() if c in lowered else c for c in text) and tok.unseen(folded) == unseen
+    assert all(c in tok.unseen(text) and c.lower() != c and not tok.unseen(c.lower()) for c in lowered)
+
+
 def test_tokenizer_bad_files(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         Tokenizer(tmp_path / "missing.model")

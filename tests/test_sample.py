@@ -277,6 +277,24 @@ def test_read_guidance_steers_a_frame_from_text_only(story, tiny, tmp_path, monk
             story(tmp_path / "c", f"{text}\n<image>\n", [[tok.eos_id]], *flags)
 
 
+def test_capitals_the_tokenizer_never_saw_are_read_in_lower_case(story, tiny, tmp_path, monkeypatch):
+    """ShapeStories is all lower case, so its tokenizer reads "There" as raw bytes: the prompt's letters it never
+    saw are lower-cased (its other unseen characters kept), the model reads exactly the lower-case ids, the story
+    shows that text and stderr says so."""
+    model, tok = tiny
+    real_draw, prompts = M.MMInterleaved.generate_images, []
+
+    def spy_draw(self, ids, images, **kw):
+        prompts.append([list(p) for p in ids])  # sample.py goes on to extend its list
+        return real_draw(self, ids, images, **kw)
+    monkeypatch.setattr(M.MMInterleaved, "generate_images", spy_draw)
+    assert tok.unseen("TIABRED") == list("ABDEIRT") and tok.unseen("!") == ["!"]  # what the test relies on
+    *_, err, md, _ = story(tmp_path, "There Is A Big RED circle at the top left!\n<image>\n", [[tok.eos_id]])
+    text = "there is a big red circle at the top left!"
+    assert prompts == [[[tok.bos_id] + tok.encode(text, bos=False) + [tok.boi_id]]] and text in md
+    assert "lower-cased A B D E I R T" in err and "never saw !" in err and "p.txt" in err
+
+
 # --- bad input -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["missing prompt", "empty prompt", "missing image", "not an image", "too many images",
