@@ -240,6 +240,12 @@ def elbo_weight(t, schedule, dtype=torch.float64):
     return 0.5 * (snr(t - 1, schedule, dtype) - snr(t, schedule, dtype))
 
 
+def spread_timesteps(T, levels, draws=1):
+    """The middles of `levels` equal parts of [0, T), the whole list `draws` times -> (levels · draws,) long: an even,
+    fixed sample of the schedule for an ELBO estimate (model.py's drawing_nll), none at t = 0 for levels <= T / 2."""
+    return torch.tensor([round((j + 0.5) * T / levels) for j in range(levels)] * draws)
+
+
 def min_snr_weight(t, schedule, gamma=5.0, prediction_type=None, dtype=torch.float32):
     """Min-SNR-gamma loss weight (Hang et al. 2023): the MSE on the target, times this, is min(SNR, gamma) * |dx0|^2."""
     prediction_type = prediction_type or schedule.prediction_type

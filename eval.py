@@ -134,8 +134,7 @@ def check_captions(model, tok, stories, cands, args):
     spread evenly, CHECK_DRAWS noise draws at each, the same noise for every candidate of a frame)
     -> (read, drawn), lists of lists of floats shaped as cands; an empty caption reads as -inf."""
     size, dev = model.cfg.image_size, next(model.parameters()).device
-    T = model.cfg.schedule.num_train_timesteps
-    levels = torch.tensor([round((j + 0.5) * T / CHECK_LEVELS) for j in range(CHECK_LEVELS)] * CHECK_DRAWS)  # (L,)
+    levels = diffusion.spread_timesteps(model.cfg.schedule.num_train_timesteps, CHECK_LEVELS, CHECK_DRAWS)  # (L,)
     gen = torch.Generator().manual_seed(args.seed + 4)
     noise = torch.randn(len(stories), len(levels), *model.diffusion_shape, generator=gen)  # (n, L, C, s, s)
     read = [[-math.inf] * len(cs) for cs in cands]

@@ -13,7 +13,8 @@ The prompt file is plain UTF-8 text, read top to bottom:
 Then the model goes on: it samples text (with the KV cache) and whenever it writes `<BoI>` it draws an image with
 the diffusion sampler (classifier-free guidance; the UNet's MMFS reads the previous image), encodes the new image
 and goes on, until it writes `</s>` or the story reaches --max-new-tokens text tokens, --max-images generated
-images (the prompt's `<image>` markers included) or the model's sequence or image limit.
+images (the prompt's `<image>` markers included) or the model's sequence or image limit. With --caption-rerank N,
+the sentence after a story-opening image is checked by drawing it back (`checked_caption`).
 
 Output in --out: `story.md` (the text with the images inline, the PNGs beside it: NN_given.png, NN_generated.png)
 and `story.html` (one self-contained file, the images embedded as base64, for a browser). The story is printed as
@@ -31,7 +32,9 @@ import torch
 from PIL import Image
 
 import data
+import diffusion
 import model as model_lib
+from eval import CHECK_DRAWS, CHECK_LEVELS, pick_captions, written_sentence
 
 IMAGE_REF = re.compile(r"!\[([^\]]*)\]\(([^)]*)\)")  # Markdown image: ![alt](path)
 MARKER = "<image>"
@@ -181,13 +184,47 @@ def draw(model, ids, images, args, generator, label):
     return data.to_tensor(frames[best])[None].to(x.device), frames[best]
 
 
+def checked_caption(model, tok, ids, images, n, args, generator):
+    """The first sentence after a story-opening image, checked by drawing (as eval.py --caption-rerank): the one the
+    model writes anyway (--temperature) and the distinct ones of --caption-rerank N written at temperature 1, the one
+    with the highest log p(c | x) + W · log p(x | c) kept -> its ids (at most n).
+
+    The LLM reads the frame (caption_logprob) and the UNet draws it back under `<s> c <BoI>` (drawing_nll, the same
+    noise for every candidate), which is the condition of a story's first image: no other frame has a sentence
+    that describes all of it, so sample.py checks this one alone."""
+    prompt, x = torch.tensor([ids], device=args.device), torch.cat(images)                      # (1, T), (1, 3, S, S)
+    first = model.generate_text(prompt, x, max_new_tokens=n, temperature=args.temperature, top_p=args.top_p,
+                                generator=generator)[0]
+    more = model.generate_text(prompt.expand(args.caption_rerank, -1), x.expand(args.caption_rerank, -1, -1, -1),
+                               max_new_tokens=n, temperature=1.0, generator=generator)            # N id lists
+    cands = []
+    for out in [first] + more:
+        text = written_sentence(tok, out)
+        if text and text not in cands:
+            cands.append(text)
+    if len(cands) < 2:  # nothing to choose between: the model's own text, as without the check
+        return first
+    texts = [tok.encode(c, bos=False)[:n] for c in cands]
+    levels = diffusion.spread_timesteps(model.cfg.schedule.num_train_timesteps, CHECK_LEVELS, CHECK_DRAWS)  # (L,)
+    noise = torch.randn(1, len(levels), *model.diffusion_shape, generator=generator, device=args.device)
+    frames = x.expand(len(texts), -1, -1, -1)                                                     # (C, 3, S, S)
+    read = model.caption_logprob(frames, texts).tolist()                                          # log p(c | x)
+    drawn = model.drawing_nll(frames, texts, levels, noise.expand(len(texts), *noise.shape[1:])).tolist()
+    best = pick_captions([read], [drawn], args.caption_weight)[0]
+    print(f"caption: candidate {best + 1} of {len(cands)} (the first is the one written at --temperature), the "
+          "likeliest read and drawn back", file=sys.stderr)
+    return texts[best]
+
+
 def check_args(args):
     """Flag values out of range, or a device this machine lacks -> ValueError."""
     rules = (("--steps", args.steps, args.steps >= 1, ">= 1"), ("--temperature", args.temperature,
              args.temperature >= 0, ">= 0"), ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
              ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0, ">= 0"),
              ("--max-images", args.max_images, args.max_images >= 0, ">= 0"),
-             ("--rerank", args.rerank, args.rerank >= 1, ">= 1"))
+             ("--rerank", args.rerank, args.rerank >= 1, ">= 1"),
+             ("--caption-rerank", args.caption_rerank, args.caption_rerank >= 0, ">= 0"),
+             ("--caption-weight", args.caption_weight, args.caption_weight >= 0, ">= 0"))
     for flag, value, ok, rule in rules:
         if not ok:
             raise ValueError(f"{flag} must be {rule}, got {value}")
@@ -277,9 +314,12 @@ def run(args):
             stop = (f"--max-new-tokens {args.max_new_tokens} reached" if new_tokens >= args.max_new_tokens
                     else f"the model's max_seq_len ({max_len} tokens) reached")
             break
-        prompt = torch.tensor([ids], device=args.device)
-        out = model.generate_text(prompt, torch.cat(images) if images else None, max_new_tokens=n,
-                                  temperature=args.temperature, top_p=args.top_p, generator=generator)[0]
+        if args.caption_rerank and ids == [tok.bos_id] + tok.image_tokens(K):  # the story opens with its image
+            out = checked_caption(model, tok, ids, images, n, args, generator)
+        else:
+            prompt = torch.tensor([ids], device=args.device)
+            out = model.generate_text(prompt, torch.cat(images) if images else None, max_new_tokens=n,
+                                      temperature=args.temperature, top_p=args.top_p, generator=generator)[0]
         new_tokens += len(out)
         ids += out
         end = out[-1] if out else None
@@ -316,6 +356,11 @@ def main(argv=None):
     g = ap.add_argument_group("text")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (with --temperature > 0)")
+    g.add_argument("--caption-rerank", type=int, default=0, metavar="N", help="when the story opens with an image, "
+                   "write its first sentence N more times at temperature 1 and keep the likeliest read and drawn back "
+                   "(as eval.py --caption-rerank; 16 measured; 0: off)")
+    g.add_argument("--caption-weight", type=float, default=1.0, metavar="W", help="--caption-rerank's score: "
+                   "log p(sentence | image) + W x log p(image | sentence)")
     g.add_argument("--max-new-tokens", type=int, default=60, help="text tokens the model may add in all")
     g.add_argument("--max-images", type=int, default=4, help="images the model may draw (<image> markers included)")
     g = ap.add_argument_group("images")

@@ -205,6 +205,19 @@ def test_elbo_weight_is_the_kl_of_the_reverse_step(schedule):
         D.elbo_weight(torch.tensor([0, 5]), schedule)
 
 
+@settings(max_examples=40, deadline=None)
+@given(levels=st.integers(1, 50), draws=st.integers(1, 3), T=st.sampled_from([100, 999, 1000]))
+def test_spread_timesteps_are_the_middles_of_equal_parts(levels, draws, T):
+    """The caption check's timesteps: one in each of `levels` equal parts of [0, T), at its middle, repeated `draws`
+    times; never 0 (elbo_weight refuses it), so the ELBO estimate has a term at every one."""
+    t = D.spread_timesteps(T, levels, draws)
+    assert t.dtype == torch.int64 and t.shape == (levels * draws,) and torch.equal(t, t[:levels].repeat(draws))
+    edges = torch.arange(levels + 1, dtype=F64) * T / levels
+    assert ((edges[:-1] <= t[:levels]) & (t[:levels] < edges[1:])).all() and (t[:levels].diff() > 0).all()
+    assert ((t[:levels] - (edges[:-1] + edges[1:]) / 2).abs() <= 0.5).all() and (t >= 1).all()
+    assert D.spread_timesteps(1000, 10, 2).tolist() == list(range(50, 1000, 100)) * 2  # eval.py's check
+
+
 def test_sample_timesteps():
     s = D.Schedule()
     t1 = D.sample_timesteps(4096, s, torch.Generator().manual_seed(3))

@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 import data
+import diffusion
 import model as M
 import sample
 
@@ -275,6 +276,66 @@ def test_read_guidance_steers_a_frame_from_text_only(story, tiny, tmp_path, monk
                         (("--read-iters", 0), "iterations must be")):
         with pytest.raises(SystemExit, match=says):
             story(tmp_path / "c", f"{text}\n<image>\n", [[tok.eos_id]], *flags)
+
+
+def test_caption_rerank_checks_the_sentence_after_an_opening_image(tiny, tiny_checkpoint, tmp_path, monkeypatch,
+                                                                    capsys):
+    """--caption-rerank 3: after a story-opening image the model writes its sentence once at --temperature and 3
+    times at temperature 1; the distinct first sentences are read (log p(c | x)) and drawn back (-log p(x | c), the
+    same noise for each, eval.py's timesteps), and the one with the best read - W · drawn goes into the story; a story
+    that opens with text is not checked; bad values are refused in one line."""
+    model, tok = tiny
+    says = ["there is a big red circle at the top.", "there is a small red circle at the top. the red",
+            "there is a big red circle at the top.", "there is a big blue square at the left."]
+    written, read_in, drawn_in = [], [], []
+
+    def fake_text(self, tokens, images, max_new_tokens=30, temperature=0.0, top_p=1.0, generator=None):
+        written.append((tokens.tolist(), temperature, images.shape))
+        replies = {1: says[:1], 2: says[1:]}.get(len(written), [""])  # the first, then the 3 samples, then </s>
+        return [tok.encode(r, bos=False)[:max_new_tokens - 1] + [tok.eos_id] for r in replies]
+
+    def fake_read(self, images, texts):
+        read_in.append((images.clone(), texts))
+        return torch.tensor([-1.0, -2.0, -3.0])
+
+    def fake_drawn(self, images, texts, timesteps, noise):
+        drawn_in.append((images.clone(), texts, timesteps, noise))
+        return torch.tensor([5.0, 0.0, 10.0], dtype=torch.float64)
+    monkeypatch.setattr(M.MMInterleaved, "generate_text", fake_text)
+    monkeypatch.setattr(M.MMInterleaved, "caption_logprob", fake_read)
+    monkeypatch.setattr(M.MMInterleaved, "drawing_nll", fake_drawn)
+    frame = frame_png(tmp_path / "f.png")
+    (tmp_path / "p.txt").write_text("![](f.png)\n")
+    opening = [tok.bos_id] + tok.image_tokens(model.cfg.num_image_tokens)
+    cands = [tok.encode(c, bos=False) for c in (says[0], "there is a small red circle at the top.", says[3])]
+    for weight, want in ((1.0, 1), (0.0, 0)):  # read - W drawn: -6, -2, -13 picks the 2nd; W = 0: the 1st
+        written.clear(), read_in.clear(), drawn_in.clear()
+        sample.main(["--prompt", str(tmp_path / "p.txt"), "--checkpoint", str(tiny_checkpoint), "--out",
+                     str(tmp_path / f"o{weight}"), "--caption-rerank", "3", "--caption-weight", str(weight),
+                     "--temperature", "0.5"])
+        out, err = capsys.readouterr()
+        assert [(w[0], w[1], w[2][0]) for w in written[:2]] == [([opening], 0.5, 1), ([opening] * 3, 1.0, 3)]
+        assert written[2][0][0] == opening + cands[want]  # the story goes on from the sentence kept
+        (images, texts), = read_in
+        assert texts == cands and drawn_in[0][1] == cands
+        want_x = data.image_tensor(frame, model.cfg.image_size)
+        for x in (images, drawn_in[0][0]):
+            assert x.shape[0] == 3 and all(torch.equal(row, want_x) for row in x)
+        noise, levels = drawn_in[0][3], drawn_in[0][2]
+        assert torch.equal(levels, diffusion.spread_timesteps(model.cfg.schedule.num_train_timesteps, 10, 2))
+        assert noise.shape == (3, len(levels), *model.diffusion_shape) and torch.equal(noise[0], noise[2])
+        story_md = (tmp_path / f"o{weight}" / "story.md").read_text()
+        assert story_md.count("there is") == 1 and tok.decode(cands[want]) in story_md
+        assert f"candidate {want + 1} of 3" in err
+    written.clear(), read_in.clear()
+    (tmp_path / "q.txt").write_text("there is a cat.\n![](f.png)\n")  # opens with text: nothing to check
+    sample.main(["--prompt", str(tmp_path / "q.txt"), "--checkpoint", str(tiny_checkpoint), "--out",
+                 str(tmp_path / "q"), "--caption-rerank", "3"])
+    assert len(written) == 1 and not read_in
+    for flag, value in (("--caption-rerank", "-1"), ("--caption-weight", "-0.5")):
+        with pytest.raises(SystemExit, match=f"{flag} must be >= 0"):
+            sample.main(["--prompt", str(tmp_path / "p.txt"), "--checkpoint", str(tiny_checkpoint), "--out",
+                         str(tmp_path / "r"), flag, value])
 
 
 def test_capitals_the_tokenizer_never_saw_are_read_in_lower_case(story, tiny, tmp_path, monkeypatch):
