@@ -348,12 +348,20 @@ def score_continuations(stories, frames):
         out[f"{role}_found"] = ratio([sum(map(math.isfinite, x[f"{role}_err"])) for x in r],
                                      [len(x[f"{role}_err"]) for x in r])
         out[f"{role}_count"] = len(errs)
-    # the unmoved objects found, per kind of event: copying works when the event only adds an object; a move, a
-    # turn or a disappearance also asks which object the words name, and a wrong guess loses a bystander
+    def unmoved_found(flags):  # the unmoved objects found in the stories flagged
+        return ratio([sum(map(math.isfinite, x["unmoved_err"])) if f else 0 for f, x in zip(flags, r)],
+                     [len(x["unmoved_err"]) if f else 0 for f, x in zip(flags, r)])
+    # per kind of event: copying works when the event only adds an object; a move, a turn or a disappearance also
+    # asks which object the words name, and a wrong guess loses a bystander
+    events = [s.events[1] for s in stories]
     for kind in data.EVENT_WEIGHTS:
-        out[f"unmoved_found_{kind}"] = ratio(
-            [sum(map(math.isfinite, x["unmoved_err"])) if s.events[1].kind == kind else 0 for s, x in zip(stories, r)],
-            [len(x["unmoved_err"]) if s.events[1].kind == kind else 0 for s, x in zip(stories, r)])
+        out[f"unmoved_found_{kind}"] = unmoved_found([e.kind == kind for e in events])
+    # and, for those three, by whether another object of the frame has the colour of the one the event names: then
+    # the colour word does not say which object is meant, only the shape does
+    shared = [any(o.colour == e.colour and o.shape != e.shape for o in s.objects[0]) for s, e in zip(stories, events)]
+    names = [e.kind != "appear" for e in events]
+    out["unmoved_found_shared_colour"] = unmoved_found([n and sh for n, sh in zip(names, shared)])
+    out["unmoved_found_own_colour"] = unmoved_found([n and not sh for n, sh in zip(names, shared)])
     out["appeared_ok"] = rate(x["appeared_ok"] for x in r)
     out["gone_ok"] = rate(x["gone_ok"] for x in r)
     out["cont_extra"] = ratio([x["extra"] for x in r], [1] * len(r))
@@ -457,6 +465,8 @@ ROWS = [  # (key, label, as a percentage?)
     ("unmoved_found", "continuation: unmoved found", True),
     ("unmoved_found_px", "continuation: unmoved found: median error (px)", False),
     *[(f"unmoved_found_{k}", f"continuation: unmoved found, {k} events", True) for k in data.EVENT_WEIGHTS],
+    ("unmoved_found_shared_colour", "continuation: unmoved found, named colour shared", True),
+    ("unmoved_found_own_colour", "continuation: unmoved found, named colour its own", True),
     ("unmoved_shape_median_px", "continuation: unmoved, any colour: median error (px)", False),
     ("unmoved_shape_found", "continuation: unmoved, any colour: found", True),
     ("moved_median_px", "continuation: moved median error (px)", False),

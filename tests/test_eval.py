@@ -1,5 +1,6 @@
 """eval.py: scoring is perfect on ground truth and fails on blanks; the tasks are seeded; the CLI writes the JSON."""
 import argparse
+import dataclasses
 import importlib
 import json
 import math
@@ -22,7 +23,8 @@ ev = importlib.import_module("eval")  # `import eval` would shadow the builtin
 ROOT = Path(__file__).resolve().parent.parent
 FRACTIONS = ["caption_exact", "caption_objects", "caption_colour", "caption_shape", "caption_size", "t2i_objects",
              "t2i_exact", "unmoved_found", "moved_found", "appeared_ok", "gone_ok", "unmoved_shape_found",
-             *[f"unmoved_found_{k}" for k in data.EVENT_WEIGHTS]]
+             *[f"unmoved_found_{k}" for k in data.EVENT_WEIGHTS], "unmoved_found_shared_colour",
+             "unmoved_found_own_colour"]
 GAPS = ["cond_gap_t100", "cond_gap_t60", "cond_gap_t30"]
 KEYS = set(FRACTIONS) | set(GAPS) | {"t2i_extra", "t2i_objects_other", "unmoved_median_px", "unmoved_count",
                                      "moved_median_px", "moved_count", "cont_extra", "unmoved_found_px",
@@ -144,6 +146,29 @@ def test_found_median_leaves_out_the_missing(monkeypatch):
     for k in data.EVENT_WEIGHTS:
         got = m[f"unmoved_found_{k}"]
         assert got is None if k not in want else got == pytest.approx(want[k][0] / want[k][1]), k
+
+
+def test_unmoved_found_split_by_whether_the_named_colour_is_shared(monkeypatch):
+    """Stories built by hand: an event naming the red square beside a red circle (shared), the red circle beside a
+    blue square (its own), and an appearance (neither); each story's found / unmoved counts go to its side."""
+    base = _stories(1)[0]
+    obj = lambda c, sh: data.Obj(c, sh, "small", 8.0, 8.0)
+    cases = [([obj("red", "circle"), obj("red", "square")], data.Event("move", "red", "square", direction="left")),
+             ([obj("red", "circle"), obj("blue", "square")], data.Event("turn", "red", "circle", new_colour="green")),
+             ([obj("red", "circle")], data.Event("appear", "red", "square", size="big", place="top"))]
+    stories = [dataclasses.replace(base, objects=[objs] + base.objects[1:], events=[None, e] + base.events[2:])
+               for objs, e in cases]
+    found = [[1.0, math.inf], [2.0, 0.5, 1.0], [math.inf]]  # 1 of 2, 3 of 3, 0 of 1 unmoved objects found
+    scores = iter([{"unmoved_err": f, "moved_err": [], "appeared_ok": None, "gone_ok": None, "extra": 0,
+                    "unmoved_shape_err": f} for f in found])
+    monkeypatch.setattr(data, "score_continuation", lambda *a: next(scores))
+    m = ev.score_continuations(stories, [None] * 3)
+    assert m["unmoved_found_shared_colour"] == pytest.approx(1 / 2) and m["unmoved_found_own_colour"] == 1.0
+    assert m["unmoved_found_appear"] == 0.0 and m["unmoved_found"] == pytest.approx(4 / 6)
+    monkeypatch.setattr(data, "score_continuation", lambda *a: found_scores.pop(0))
+    found_scores = [{"unmoved_err": [1.0], "moved_err": [], "appeared_ok": None, "gone_ok": None, "extra": 0,
+                     "unmoved_shape_err": [1.0]}]
+    assert ev.score_continuations(stories[2:], [None])["unmoved_found_shared_colour"] is None  # no such story
 
 
 def test_tasks_are_seeded(loaded):
