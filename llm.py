@@ -522,9 +522,9 @@ class Tokenizer:
     def unseen(self, text):
         """The characters of `text` the tokenizer never saw in training, sorted (whitespace aside).
 
-        Trained with character_coverage=1 (ours, and LLaMA's for its alphabet), sentencepiece gives every character
-        of its training text a piece of its own; one without a piece reaches the model only as raw bytes
-        (byte fallback), which it never learned to read."""
+        A character without a piece of its own reaches the model only as raw bytes (byte fallback). Our tokenizers
+        are trained with character_coverage=1, which gives every character of the training text a piece, so for
+        them such a character never occurred in training and its bytes are pieces the model never learned."""
         unk = self.sp.unk_id()
         return sorted(c for c in set(text) if not c.isspace() and self.sp.piece_to_id(c) == unk)
 
