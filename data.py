@@ -288,6 +288,12 @@ class ShapeStories:
         return (self[i] for i in itertools.count())
 
 
+def names_shared_colour(objects, event):
+    """Whether `event` names one of `objects` (a move, turn or disappearance) whose colour another of them has: then
+    only the shape word says which object is meant (EXPERIMENTS.md, "Two objects of one colour")."""
+    return event.kind != "appear" and any(o.colour == event.colour and o.shape != event.shape for o in objects)
+
+
 def to_tensor(image):
     """uint8 (H, W, 3) -> float (3, H, W) in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255  # (3, H, W)
@@ -750,7 +756,10 @@ class StoryBatches:
     first frame is a caption (image first: no diffusion loss, so no UNet work) or a text-to-image example.
     `events_text_first=True` puts every event's sentence before its image, so each later frame is a continuation
     (the event told, then drawn) rather than a frame drawn before its event is told; first frames keep the coin,
-    so captions and text-to-image are untouched. Both are choices of the training mix, not of the data.
+    so captions and text-to-image are untouched. `shared_colour_prob=P` replaces a story, with probability P (seeded
+    by the story), by one of a separate stream whose first event names an object whose colour another object shares
+    (`names_shared_colour`: 7-8 % of stories, and the continuations' hardest case). All are choices of the training
+    mix, not of the data.
 
     `balance_window=W` (> 0) trains the same rows in another order: the B·W rows of steps W·w .. W·w + W - 1 are
     sorted by `row_work`, cut into W groups of B alike rows, and the groups trained in the order of their first
@@ -760,9 +769,13 @@ class StoryBatches:
     diffused image makes (MMConfig.noise_draws), which `row_work` counts."""
 
     def __init__(self, tokenizer, k, seq_len, batch_size, max_images, seed=0, size=32, prefixes=False,
-                 first_frame_prob=None, events_text_first=False, balance_window=0, unet_passes=1):
+                 first_frame_prob=None, events_text_first=False, balance_window=0, unet_passes=1,
+                 shared_colour_prob=0.0):
         if first_frame_prob is not None and not (prefixes and 0 <= first_frame_prob <= 1):
             raise ValueError(f"first_frame_prob {first_frame_prob}: a probability in [0, 1], and only with prefixes")
+        if not 0 <= shared_colour_prob <= 1:
+            raise ValueError(f"shared_colour_prob {shared_colour_prob}: a probability in [0, 1]")
+        self.shared_colour_prob = float(shared_colour_prob)
         if balance_window < 0:
             raise ValueError(f"balance_window {balance_window}: 0 (off) or a number of steps")
         self.window, self.unet_passes = int(balance_window), unet_passes
@@ -775,9 +788,21 @@ class StoryBatches:
         frames = 1 if prefixes else 2  # the shortest document: frames x (<BoI> + k placeholders + a short sentence)
         self.R = max(1, seq_len // (1 + frames * (k + 1 + 6) + 1))  # stories tried per row: >= the most that fit
 
+    SHARED_STREAM = 2 ** 40  # where the stand-ins of shared_colour_prob come from: story indices no run reaches
+
+    def story(self, i):
+        """Story i, or with probability shared_colour_prob its stand-in: the first of stories SHARED_STREAM + 64 i,
+        +1, ... whose first event names a colour another object has (story i itself if none of 64 does, ~0.6 %)."""
+        if self.shared_colour_prob and np.random.default_rng([self.seed, i, 11]).random() < self.shared_colour_prob:
+            for j in range(self.SHARED_STREAM + 64 * i, self.SHARED_STREAM + 64 * (i + 1)):
+                other = self.stories[j]
+                if names_shared_colour(other.objects[0], other.events[1]):
+                    return other
+        return self.stories[i]
+
     def document(self, i):
-        """Story i (or its seeded random prefix) as segments."""
-        story = self.stories[i]
+        """Story i (or its stand-in, or a seeded random prefix of either) as segments."""
+        story = self.story(i)
         if self.events_text_first:  # the same story, its events told before they are drawn
             story = replace(story, image_first=story.image_first[:1] + [False] * (len(story.images) - 1))
         doc = story.segments()

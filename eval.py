@@ -358,10 +358,9 @@ def score_continuations(stories, frames):
         out[f"unmoved_found_{kind}"] = unmoved_found([e.kind == kind for e in events])
     # and, for those three, by whether another object of the frame has the colour of the one the event names: then
     # the colour word does not say which object is meant, only the shape does
-    shared = [any(o.colour == e.colour and o.shape != e.shape for o in s.objects[0]) for s, e in zip(stories, events)]
-    names = [e.kind != "appear" for e in events]
-    out["unmoved_found_shared_colour"] = unmoved_found([n and sh for n, sh in zip(names, shared)])
-    out["unmoved_found_own_colour"] = unmoved_found([n and not sh for n, sh in zip(names, shared)])
+    shared = [data.names_shared_colour(s.objects[0], e) for s, e in zip(stories, events)]
+    out["unmoved_found_shared_colour"] = unmoved_found(shared)
+    out["unmoved_found_own_colour"] = unmoved_found([e.kind != "appear" and not sh for e, sh in zip(events, shared)])
     out["appeared_ok"] = rate(x["appeared_ok"] for x in r)
     out["gone_ok"] = rate(x["gone_ok"] for x in r)
     out["cont_extra"] = ratio([x["extra"] for x in r], [1] * len(r))

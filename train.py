@@ -124,6 +124,9 @@ g.add_argument("--first-frame-prob", metavar="P", help="share of training docume
 g.add_argument("--events-text-first", action=argparse.BooleanOptionalAction, help="every event's sentence before its "
                "image in training, so each later frame is a continuation (the small recipe: on; --no-events-text-first: "
                "the story's coin, image first for half of them)")
+g.add_argument("--shared-colour-prob", type=float, metavar="P", help="replace a training story, with probability P, "
+               "by one whose first event names an object whose colour another object shares, the continuations' "
+               "hardest case (0 in the recipe; EXPERIMENTS.md: 'Two objects of one colour')")
 g.add_argument("--balance-window", type=int, metavar="W", help="train each W steps' rows in groups of alike work, "
                "so that DDP ranks wait less for each other; the same rows, in another order (the small recipe: 8; "
                "0: in order; bench/bench_ddp_step.py --savings order times it)")
@@ -312,6 +315,11 @@ if args.events_text_first is not None:
     if args.paper or args.data:
         fail("--events-text-first: a ShapeStories recipe's mix; --paper and --data read documents as they are")
     settings_mix["events_text_first"] = args.events_text_first
+if args.shared_colour_prob is not None:
+    if args.paper or args.data or not 0 <= args.shared_colour_prob <= 1:  # NaN fails too
+        fail(f"--shared-colour-prob {args.shared_colour_prob}: " + ("a ShapeStories recipe's mix; --paper and --data "
+             "read documents as they are" if args.paper or args.data else "a probability in [0, 1]"))
+    settings_mix["shared_colour_prob"] = args.shared_colour_prob
 if args.balance_window is not None:
     if args.paper or args.data or args.balance_window < 0:
         fail(f"--balance-window {args.balance_window}: " + ("a ShapeStories recipe's order; --paper and --data read "
@@ -588,7 +596,8 @@ try:
                                     prefixes=getattr(S, "prefixes", False),  # runs saved before the flag: off
                                     first_frame_prob=getattr(S, "first_frame_prob", None),
                                     events_text_first=getattr(S, "events_text_first", False),
-                                    balance_window=getattr(S, "balance_window", 0), unet_passes=cfg.noise_draws)
+                                    balance_window=getattr(S, "balance_window", 0), unet_passes=cfg.noise_draws,
+                                    shared_colour_prob=getattr(S, "shared_colour_prob", 0.0))
 except ValueError as e:
     fail(str(e))
 

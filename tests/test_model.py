@@ -872,6 +872,27 @@ def test_first_frame_prob_sets_the_share_of_lone_first_frames():
             data.StoryBatches(None, K, 256, 4, 7, **{"prefixes": True, **bad})
 
 
+def test_shared_colour_prob_swaps_in_stories_whose_event_names_a_shared_colour():
+    """With probability P a story gives way to one of a separate stream whose first event names an object whose
+    colour another object shares; the others are the plain stories; seeded per story; P = 0 changes nothing."""
+    plain = data.StoryBatches(None, K, 256, 4, 7, seed=3)
+    half = data.StoryBatches(None, K, 256, 4, 7, seed=3, shared_colour_prob=0.5)
+    shared = lambda s: data.names_shared_colour(s.objects[0], s.events[1])
+    stories = [(plain.story(i), half.story(i)) for i in range(300)]
+    swapped = [a.sentences != b.sentences for a, b in stories]
+    assert all(shared(b) for (a, b), sw in zip(stories, swapped) if sw)  # a stand-in always names a shared colour
+    assert 0.42 < np.mean(swapped) < 0.58  # 300 draws of P = 0.5: the standard error is 0.029
+    assert 0.02 < np.mean([shared(a) for a, _ in stories]) < 0.15  # the plain mix: 7-8 % of stories
+    assert np.mean([shared(b) for _, b in stories]) > 0.45
+    again = data.StoryBatches(None, K, 256, 4, 7, seed=3, shared_colour_prob=0.5)
+    assert [again.story(i).sentences for i in range(50)] == [b.sentences for _, b in stories[:50]]
+    zero = data.StoryBatches(None, K, 256, 4, 7, seed=3, shared_colour_prob=0.0)
+    assert [zero.story(i).sentences for i in range(50)] == [a.sentences for a, _ in stories[:50]]
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="shared_colour_prob"):
+            data.StoryBatches(None, K, 256, 4, 7, shared_colour_prob=bad)
+
+
 def test_events_text_first_tells_every_event_before_its_image():
     coin = data.StoryBatches(None, K, 256, 4, 7, seed=3, prefixes=True, first_frame_prob=0.0)
     told = data.StoryBatches(None, K, 256, 4, 7, seed=3, prefixes=True, first_frame_prob=0.0, events_text_first=True)
