@@ -373,6 +373,19 @@ def test_first_frame_prob_flag_changes_the_batches_and_survives_resume(full_run,
     assert losses(uni) == mixed[:3]
 
 
+def test_shared_colour_prob_flag_changes_the_batches_and_survives_resume(full_run, tmp_path):
+    for bad in (("--shared-colour-prob", "1.5"), ("--shared-colour-prob", "nan"),
+                ("--shared-colour-prob", "0.5", "--data", "x.jsonl")):
+        refused(tmp_path / "bad", *bad, says="--shared-colour-prob")
+    out = tmp_path / "shared"
+    assert run("--out", out, "--shared-colour-prob", 1, "--stop-at", 3).returncode == 0
+    r = run("--out", out, "--resume")  # the mix comes back from the run's state, not from the command line
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "train" / "state.json").read_text())["settings"]["shared_colour_prob"] == 1.0
+    swapped, plain = losses(out), losses(full_run)
+    assert len(swapped) == 6 and all(torch.isfinite(torch.tensor(swapped))) and swapped != plain  # other stories
+
+
 def test_events_text_first_flag_changes_the_batches_and_survives_resume(full_run, tmp_path):
     refused(tmp_path / "bad", "--events-text-first", "--data", "x.jsonl", says="--events-text-first")
     out = tmp_path / "tf"
