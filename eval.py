@@ -84,6 +84,15 @@ def written_sentence(tok, ids):
     return first_sentence(tok.decode(ids))
 
 
+def add_sentences(cands, tok, outs):
+    """Append to the list `cands` the first sentence written by each generated id list of `outs`, if it is not
+    empty and not there yet: the candidates of a caption check (here and in sample.py)."""
+    for ids in outs:
+        text = written_sentence(tok, ids)
+        if text and text not in cands:
+            cands.append(text)
+
+
 def caption_prompt(model, tok, stories):
     """The caption prompt `<s><BoI><image>*K` (ids) and how many tokens to let the model write after it: room for
     the longest true caption and then some (the model is never told where to stop)."""
@@ -122,9 +131,7 @@ def caption_candidates(model, tok, stories, args, greedy):
         for _ in range(args.caption_rerank):
             for i, ids in zip(part, model.generate_text(tokens, images, max_new_tokens=max_new, temperature=1.0,
                                                         generator=gen)):
-                text = written_sentence(tok, ids)
-                if text and text not in cands[i]:
-                    cands[i].append(text)
+                add_sentences(cands[i], tok, [ids])
     return cands
 
 

@@ -34,7 +34,7 @@ from PIL import Image
 import data
 import diffusion
 import model as model_lib
-from eval import CHECK_DRAWS, CHECK_LEVELS, pick_captions, written_sentence
+from eval import CHECK_DRAWS, CHECK_LEVELS, add_sentences, pick_captions
 
 IMAGE_REF = re.compile(r"!\[([^\]]*)\]\(([^)]*)\)")  # Markdown image: ![alt](path)
 MARKER = "<image>"
@@ -198,10 +198,7 @@ def checked_caption(model, tok, ids, images, n, args, generator):
     more = model.generate_text(prompt.expand(args.caption_rerank, -1), x.expand(args.caption_rerank, -1, -1, -1),
                                max_new_tokens=n, temperature=1.0, generator=generator)            # N id lists
     cands = []
-    for out in [first] + more:
-        text = written_sentence(tok, out)
-        if text and text not in cands:
-            cands.append(text)
+    add_sentences(cands, tok, [first] + more)
     if len(cands) < 2:  # nothing to choose between: the model's own text, as without the check
         return first
     texts = [tok.encode(c, bos=False)[:n] for c in cands]

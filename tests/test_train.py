@@ -356,17 +356,24 @@ def test_ahead_tokens_flag_reaches_the_checkpoint_and_the_metrics(shaped, tmp_pa
     assert row["loss_ahead"] > 0 and math.isfinite(row["loss_ahead"])
 
 
+def resumed_mix(out, *flag):
+    """train.py --tiny with a training-mix flag, stopped after step 3 and resumed without the flag -> (the run's
+    saved settings, its 6 losses, all finite): the mix must come back from the run's state."""
+    assert run("--out", out, *flag, "--stop-at", 3).returncode == 0
+    r = run("--out", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    got = losses(out)
+    assert len(got) == 6 and all(torch.isfinite(torch.tensor(got)))
+    return json.loads((out / "train" / "state.json").read_text())["settings"], got
+
+
 def test_first_frame_prob_flag_changes_the_batches_and_survives_resume(full_run, tmp_path):
     for bad in (("--first-frame-prob", "1.5"), ("--first-frame-prob", "most"), ("--first-frame-prob", "nan"),
                 ("--first-frame-prob", "0.5", "--data", "x.jsonl")):
         refused(tmp_path / "bad", *bad, says="--first-frame-prob")
-    out = tmp_path / "first"
-    assert run("--out", out, "--first-frame-prob", 1, "--stop-at", 3).returncode == 0
-    r = run("--out", out, "--resume")  # the mix comes back from the run's state, not from the command line
-    assert r.returncode == 0, r.stderr
-    assert json.loads((out / "train" / "state.json").read_text())["settings"]["first_frame_prob"] == 1.0
-    lone, mixed = losses(out), losses(full_run)
-    assert len(lone) == 6 and all(torch.isfinite(torch.tensor(lone))) and lone != mixed  # other documents
+    settings, lone = resumed_mix(tmp_path / "first", "--first-frame-prob", 1)
+    mixed = losses(full_run)
+    assert settings["first_frame_prob"] == 1.0 and lone != mixed  # other documents
     uni = tmp_path / "uniform"  # 'uniform' is the default's draw: the same batches, so the same losses
     assert run("--out", uni, "--first-frame-prob", "uniform", "--stop-at", 3).returncode == 0
     assert json.loads((uni / "train" / "state.json").read_text())["settings"]["first_frame_prob"] is None
@@ -377,24 +384,15 @@ def test_shared_colour_prob_flag_changes_the_batches_and_survives_resume(full_ru
     for bad in (("--shared-colour-prob", "1.5"), ("--shared-colour-prob", "nan"),
                 ("--shared-colour-prob", "0.5", "--data", "x.jsonl")):
         refused(tmp_path / "bad", *bad, says="--shared-colour-prob")
-    out = tmp_path / "shared"
-    assert run("--out", out, "--shared-colour-prob", 1, "--stop-at", 3).returncode == 0
-    r = run("--out", out, "--resume")  # the mix comes back from the run's state, not from the command line
-    assert r.returncode == 0, r.stderr
-    assert json.loads((out / "train" / "state.json").read_text())["settings"]["shared_colour_prob"] == 1.0
-    swapped, plain = losses(out), losses(full_run)
-    assert len(swapped) == 6 and all(torch.isfinite(torch.tensor(swapped))) and swapped != plain  # other stories
+    settings, swapped = resumed_mix(tmp_path / "shared", "--shared-colour-prob", 1)
+    assert settings["shared_colour_prob"] == 1.0 and swapped != losses(full_run)  # other stories
 
 
 def test_events_text_first_flag_changes_the_batches_and_survives_resume(full_run, tmp_path):
     refused(tmp_path / "bad", "--events-text-first", "--data", "x.jsonl", says="--events-text-first")
-    out = tmp_path / "tf"
-    assert run("--out", out, "--events-text-first", "--stop-at", 3).returncode == 0
-    r = run("--out", out, "--resume")  # the mix comes back from the run's state, not from the command line
-    assert r.returncode == 0, r.stderr
-    assert json.loads((out / "train" / "state.json").read_text())["settings"]["events_text_first"] is True
-    told, mixed = losses(out), losses(full_run)
-    assert len(told) == 6 and all(torch.isfinite(torch.tensor(told))) and told != mixed  # events moved before images
+    settings, told = resumed_mix(tmp_path / "tf", "--events-text-first")
+    mixed = losses(full_run)
+    assert settings["events_text_first"] is True and told != mixed  # events moved before images
     off = tmp_path / "coin"  # --no-events-text-first keeps the story's coin: the default's batches and losses
     assert run("--out", off, "--no-events-text-first", "--stop-at", 3).returncode == 0
     assert json.loads((off / "train" / "state.json").read_text())["settings"]["events_text_first"] is False
